@@ -1,0 +1,1 @@
+"""The HTTP intake: a thin FastAPI adapter over the worker's domain."""

@@ -1,0 +1,100 @@
+"""The launch event stream (Server-Sent Events), replayed from the database.
+
+Stored events are the source of truth, so a late or reconnecting watcher (``Last-Event-ID``)
+gets the whole history. Redis pub/sub only wakes the stream early; it also polls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from worker import launches
+from worker.crypto import InvalidToken, cipher
+from worker.db import session_scope
+from worker.models import LaunchEvent, Phase, Status
+from worker.notify import channel, redis_url
+from worker.settings import Settings
+
+KEEPALIVE_SECONDS = 15.0
+POLL_SECONDS = 1.0
+FINAL_PHASES = frozenset({Phase.ready, Phase.failed})
+
+
+def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[str, Any]], bool]:
+    with session_scope(settings.database_url) as db:
+        launch = launches.get_launch(db, launch_id)
+        if launch is None:
+            return [], True
+        out = []
+        for event in launches.events_after(db, launch_id, after_id):
+            payload = _payload(settings, event)
+            if event.phase == Phase.ready and launch.status == Status.ready:
+                payload.update(_credentials(settings, launch.token_ciphertext))
+            out.append(payload)
+        return out, launch.is_terminal
+
+
+def _payload(settings: Settings, event: LaunchEvent) -> dict[str, Any]:
+    return {"id": event.id, "phase": event.phase, "message": event.message, **(event.data or {})}
+
+
+def _credentials(settings: Settings, ciphertext: str | None) -> dict[str, str]:
+    if not ciphertext:
+        return {}
+    try:
+        return {"token": cipher(settings).decrypt(ciphertext.encode()).decode()}
+    except InvalidToken:
+        return {}
+
+
+def format_event(payload: dict[str, Any]) -> str:
+    return f"id: {payload['id']}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def event_stream(settings: Settings, launch_id: str, *, after_id: int) -> AsyncIterator[str]:
+    url = redis_url(settings)
+    client = aioredis.Redis.from_url(url) if url else None
+    pubsub = client.pubsub() if client else None
+    try:
+        if pubsub is not None:
+            try:
+                await pubsub.subscribe(channel(launch_id))
+            except RedisError:
+                pubsub = None  # fall back to polling
+        last_sent = time.monotonic()
+        while True:
+            events, terminal = await anyio.to_thread.run_sync(_load, settings, launch_id, after_id)
+            for payload in events:
+                yield format_event(payload)
+                last_sent = time.monotonic()
+                after_id = payload["id"]
+                if payload["phase"] in FINAL_PHASES:
+                    return
+            if terminal and not events:
+                return
+            if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            await _wait(pubsub)
+    finally:
+        if pubsub is not None:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        if client is not None:
+            await client.aclose()
+
+
+async def _wait(pubsub: aioredis.client.PubSub | None) -> None:
+    if pubsub is None:
+        await anyio.sleep(0.25)
+        return
+    try:
+        await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_SECONDS)
+    except RedisError:
+        await anyio.sleep(POLL_SECONDS)

@@ -1,0 +1,110 @@
+"""The app factory: ``create_app()`` builds the FastAPI app from settings, connecting to nothing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.routes import health, launches
+from worker.hub_client import HubClient
+from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse request bodies over a limit, whether or not they declare a Content-Length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLarge:
+            await _too_large(self.limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"Request body must be at most {limit} bytes."}, 413)
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":
+            message = "unknown field; allowed fields are image, repo, ref, lifetime"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "Request body is not valid JSON."}, 400)
+    if any(e.get("type") == "model_attributes_type" or e.get("loc") == ("body",) for e in errors):
+        return JSONResponse(
+            {"detail": 'Send a JSON object, e.g. {"image": "default"}, as application/json.'},
+            422,
+        )
+    return JSONResponse({"detail": _describe(errors)}, 422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.hub = HubClient(
+            settings.hub_api_url, settings.hub_api_token.get_secret_value(), timeout=3.0
+        )
+        yield
+        app.state.hub.close()
+
+    app = FastAPI(
+        title="hublaunch",
+        summary="Launch temporary Jupyter sessions on a JupyterHub in API-only mode.",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(launches.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    return app

@@ -1,0 +1,61 @@
+"""/api/health: is the database, the broker and the Hub reachable?"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.deps import SettingsDep
+from api.schemas import Health
+from worker.db import session_scope
+from worker.hub_client import HubClient, HubError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api", tags=["health"])
+
+
+def _check_database(settings: Settings) -> str:
+    try:
+        with session_scope(settings.database_url) as db:
+            db.execute(text("SELECT 1"))
+    except Exception as e:  # any driver error means "down"; the type is logged
+        log.warning("health: database: %s", type(e).__name__)
+        return "down"
+    return "ok"
+
+
+def _check_broker(settings: Settings) -> str:
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return "ok"  # the embedded filesystem broker has nothing to ping
+    try:
+        redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        log.warning("health: broker: %s", type(e).__name__)
+        return "down"
+    return "ok"
+
+
+def _check_hub(hub: HubClient) -> str:
+    try:
+        hub.ping()
+    except HubError as e:
+        log.warning("health: hub: %s", e.message)
+        return "down"
+    return "ok"
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    checks = {
+        "database": _check_database(settings),
+        "broker": _check_broker(settings),
+        "hub": _check_hub(request.app.state.hub),
+    }
+    down = [name for name, state in checks.items() if state != "ok"]
+    body = Health(status="down: " + ", ".join(down) if down else "ok", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=503 if down else 200)

@@ -1,0 +1,157 @@
+"""/api/launches: create, watch, inspect and end launches."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import DbDep, SettingsDep
+from api.events import event_stream
+from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
+from worker import launches
+from worker.crypto import InvalidToken, cipher
+from worker.db import as_utc
+from worker.enqueue import QueueUnavailable, send_launch, send_teardown
+from worker.launcher import server_url
+from worker.models import EndReason, Launch, Status
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/launches", tags=["launches"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "No launch with this id."}
+}
+
+
+def _not_found() -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, "No launch with this id; check the id.")
+
+
+def _url_with_token(settings: Settings, launch: Launch) -> str | None:
+    if launch.status != Status.ready or not launch.token_ciphertext:
+        return None
+    try:
+        token = cipher(settings).decrypt(launch.token_ciphertext.encode()).decode()
+    except InvalidToken:
+        log.error("launch %s: stored token does not decrypt with the configured key", launch.id)
+        return None
+    return f"{server_url(settings, launch)}?token={token}"
+
+
+def view(settings: Settings, launch: Launch) -> LaunchView:
+    def utc(value: datetime | None) -> datetime | None:
+        return as_utc(value) if value is not None else None
+
+    return LaunchView(
+        id=launch.id,
+        status=Status(launch.status),
+        spec=launch.spec,
+        user=launch.hub_user,
+        url=_url_with_token(settings, launch),
+        error=launch.error,
+        end_reason=launch.end_reason,
+        created_at=as_utc(launch.created_at),
+        ready_at=utc(launch.ready_at),
+        expires_at=utc(launch.expires_at),
+        ended_at=utc(launch.ended_at),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=LaunchAccepted,
+    responses={
+        400: {"model": Problem, "description": "The body is not valid JSON."},
+        413: {"model": Problem, "description": "The body is too large."},
+        422: {"model": Problem, "description": "The launch request is invalid."},
+        503: {"model": Problem, "description": "The queue is unavailable; nothing was started."},
+    },
+)
+def create_launch(
+    body: LaunchRequest, request: Request, response: Response, db: DbDep, settings: SettingsDep
+) -> LaunchAccepted:
+    if body.repo is not None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "Launching from a repository is not enabled on this service yet; give 'image'.",
+        )
+    lifetime = body.lifetime or settings.session_max_age
+    if lifetime > settings.session_max_age:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"lifetime must be at most {settings.session_max_age} seconds",
+        )
+    launch = launches.create_launch(db, body.spec(), lifetime=lifetime)
+    # The task names a committed row, never one that might still roll back.
+    db.commit()
+    try:
+        send_launch(launch.id)
+    except QueueUnavailable as e:
+        log.error("launch %s: queue unavailable: %s", launch.id, e)
+        launch.status = Status.failed
+        launch.error = "The launch queue is unavailable; nothing was started. Try again shortly."
+        launch.end_reason = EndReason.failed
+        launch.ended_at = launch.user_removed_at = launch.updated_at
+        db.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, launch.error) from e
+    status_url = str(request.url_for("get_launch", launch_id=launch.id))
+    response.headers["Location"] = status_url
+    return LaunchAccepted(
+        id=launch.id,
+        status=Status(launch.status),
+        status_url=status_url,
+        events_url=str(request.url_for("launch_events", launch_id=launch.id)),
+    )
+
+
+@router.get("/{launch_id}", response_model=LaunchView, responses=NOT_FOUND)
+def get_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
+    launch = launches.get_launch(db, launch_id)
+    if launch is None:
+        raise _not_found()
+    return view(settings, launch)
+
+
+@router.get(
+    "/{launch_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **NOT_FOUND},
+)
+def launch_events(launch_id: str, request: Request, db: DbDep, settings: SettingsDep) -> Response:
+    if launches.get_launch(db, launch_id) is None:
+        raise _not_found()
+    after = request.headers.get("Last-Event-ID", "0")
+    return StreamingResponse(
+        event_stream(settings, launch_id, after_id=int(after) if after.isdigit() else 0),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.delete(
+    "/{launch_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=LaunchView,
+    responses=NOT_FOUND,
+)
+def end_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
+    launch = launches.get_launch(db, launch_id)
+    if launch is None:
+        raise _not_found()
+    must_send = launches.request_end(db, launch)
+    db.commit()
+    if must_send:
+        try:
+            send_teardown(launch.id)
+        except QueueUnavailable as e:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "The queue is unavailable; the end is recorded and will be retried.",
+            ) from e
+    return view(settings, launch)

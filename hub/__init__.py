@@ -1,0 +1,1 @@
+"""What the JupyterHub process loads: its API-only config and the spawners hublaunch ships."""

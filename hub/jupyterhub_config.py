@@ -1,0 +1,61 @@
+"""JupyterHub in API-only mode for hublaunch.
+
+The proxy sends only /hub/api/ to the Hub; every other path goes to the hublaunch app
+(``extra_routes``), which shows the launch form and the "session ended" page. Ports, the app's
+URL and the spawner are read from the environment so several stacks can run side by side.
+Secrets come from the environment only: HUBLAUNCH_HUB_API_TOKEN (the service token) and
+CONFIGPROXY_AUTH_TOKEN (read by the Hub and the proxy themselves).
+"""
+
+import os
+from pathlib import Path
+
+env = os.environ
+data_dir = Path(env.get("HUBLAUNCH_HUB_DATA_DIR", ".hublaunch/hub")).resolve()
+data_dir.mkdir(parents=True, exist_ok=True)
+
+# -- network: everything on loopback -------------------------------------------
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = int(env.get("HUBLAUNCH_PROXY_PORT", "8000"))
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = int(env.get("HUBLAUNCH_HUB_PORT", "8081"))
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env.get('HUBLAUNCH_PROXY_API_PORT', '8001')}"
+c.ConfigurableHTTPProxy.pid_file = str(data_dir / "proxy.pid")
+c.Spawner.ip = "127.0.0.1"
+
+# -- API-only mode ---------------------------------------------------------------
+c.JupyterHub.hub_routespec = "/hub/api/"
+c.Proxy.extra_routes = {"/": env.get("HUBLAUNCH_APP_URL", "http://127.0.0.1:8010")}
+c.JupyterHub.authenticator_class = "null"
+
+# -- the hublaunch service and the scopes it needs --------------------------------
+# admin:users - create and delete the temporary users and read their servers' activity;
+# servers     - start and stop their servers;
+# tokens      - issue each user a token scoped to its own server.
+c.JupyterHub.services = [{"name": "hublaunch", "api_token": env["HUBLAUNCH_HUB_API_TOKEN"]}]
+c.JupyterHub.load_roles = [
+    {"name": "hublaunch", "scopes": ["admin:users", "servers", "tokens"], "services": ["hublaunch"]}
+]
+
+# -- state ------------------------------------------------------------------------
+c.JupyterHub.db_url = env.get("HUBLAUNCH_HUB_DB_URL", f"sqlite:///{data_dir / 'jupyterhub.sqlite'}")
+c.JupyterHub.cookie_secret_file = str(data_dir / "jupyterhub_cookie_secret")
+c.JupyterHub.pid_file = str(data_dir / "jupyterhub.pid")
+
+# -- spawning ---------------------------------------------------------------------
+spawner = env.get("HUBLAUNCH_HUB_SPAWNER", "local")
+c.JupyterHub.spawner_class = {
+    "local": "hub.spawners.EnvironmentSpawner",
+    "fake": "hub.spawners.FakeSpawner",
+}[spawner]
+# Answer the start request quickly; hublaunch follows the progress stream instead.
+c.JupyterHub.slow_spawn_timeout = 1
+c.Spawner.start_timeout = int(env.get("HUBLAUNCH_LAUNCH_TIMEOUT", "600"))
+c.Spawner.http_timeout = 60
+# JupyterHub 6 ignores ?token= in URLs unless the server allows it. hublaunch hands out
+# links with a token scoped to one temporary user's server that expires with the session.
+c.Spawner.environment = {"JUPYTERHUB_ALLOW_TOKEN_IN_URL": "1"}
+c.Spawner.default_url = "/lab"
+c.EnvironmentSpawner.home_dir_template = str(data_dir / "homes" / "{username}")
+if os.geteuid() == 0:
+    c.Spawner.args = ["--allow-root"]

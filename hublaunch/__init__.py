@@ -1,0 +1,1 @@
+"""Entry points: the ``hublaunch`` command and the local stack runner (imports api and worker)."""

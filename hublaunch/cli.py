@@ -1,0 +1,106 @@
+"""The ``hublaunch`` command: migrate, api, worker, beat, dev."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from worker.settings import get_settings
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from worker.migrate import upgrade
+
+    upgrade(get_settings().database_url)
+    print("database is at the latest migration")
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level=get_settings().log_level.lower(),
+        # Behind the proxy: trust its X-Forwarded-* so generated URLs use the public address.
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1",
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+
+    settings = get_settings()
+    # Tasks wait on the Hub, not the CPU: threads keep many launches in flight cheaply.
+    argv = [
+        "worker",
+        "--pool",
+        args.pool,
+        "--concurrency",
+        str(args.concurrency),
+        "--queues",
+        settings.queue,
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv=argv)
+    return 0
+
+
+def _beat(_args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+    from worker.settings import DATA_DIR
+
+    DATA_DIR.mkdir(exist_ok=True)
+    app.start(
+        argv=[
+            "beat",
+            "--loglevel",
+            get_settings().log_level,
+            "--schedule",
+            str(DATA_DIR / "celerybeat-schedule"),
+        ]
+    )
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from hublaunch.dev import run
+
+    return run(port=args.port, spawner=args.spawner)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hublaunch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
+    api = sub.add_parser("api", help="serve the HTTP app")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8010)
+    api.set_defaults(func=_api)
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--concurrency", type=int, default=16)
+    worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
+    worker.set_defaults(func=_worker)
+    sub.add_parser("beat", help="run the Celery beat scheduler").set_defaults(func=_beat)
+    dev = sub.add_parser("dev", help="run the whole local stack")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--spawner", default="local", choices=["local", "fake"])
+    dev.set_defaults(func=_dev)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The hublaunch domain: settings, database, Hub client, launch steps and Celery tasks."""

@@ -1,0 +1,302 @@
+"""A typed client for the JupyterHub REST API, with its own errors.
+
+Exception tree (nothing else escapes; no httpx error is raised to callers)::
+
+    HubError                 base class
+    ├── HubUnavailable       transient: connection refused/reset, timeout, 5xx, 429.
+    │                        Safe to retry; ``retry_after`` (s) is set when the Hub said so.
+    └── HubRequestError      terminal: the Hub understood and refused (4xx).
+        ├── HubNotFound      404
+        ├── HubConflict      409 (e.g. the user already exists)
+        └── HubSpawnFailed   the server failed to start (progress said "failed")
+
+The service token is sent only in the Authorization header; it is never logged and never
+part of a URL. Tokens the Hub creates for users are returned to the caller and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
+
+
+class HubError(Exception):
+    """Any failure talking to the Hub."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class HubUnavailable(HubError):
+    """Transient trouble; the same call may succeed later."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class HubRequestError(HubError):
+    """The Hub refused the request; repeating it will not help."""
+
+
+class HubNotFound(HubRequestError):
+    pass
+
+
+class HubConflict(HubRequestError):
+    pass
+
+
+class HubSpawnFailed(HubRequestError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerState:
+    ready: bool
+    pending: str | None
+    url: str | None
+    last_activity: datetime | None
+
+
+@dataclass(frozen=True)
+class HubUser:
+    name: str
+    admin: bool
+    servers: dict[str, ServerState]
+    last_activity: datetime | None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _parse_user(model: dict[str, Any]) -> HubUser:
+    servers = {
+        name: ServerState(
+            ready=bool(s.get("ready")),
+            pending=s.get("pending"),
+            url=s.get("url"),
+            last_activity=_parse_time(s.get("last_activity")),
+        )
+        for name, s in (model.get("servers") or {}).items()
+    }
+    return HubUser(
+        name=model["name"],
+        admin=bool(model.get("admin")),
+        servers=servers,
+        last_activity=_parse_time(model.get("last_activity")),
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return response.reason_phrase
+
+
+def raise_for_status(response: httpx.Response) -> None:
+    """Map a Hub response to the exception tree (no-op on 2xx)."""
+    status = response.status_code
+    if status < 400:
+        return
+    message = f"Hub answered {status}: {_message(response)}"
+    if status == 429 or status >= 500:
+        raise HubUnavailable(message, status=status, retry_after=_retry_after(response))
+    if status == 404:
+        raise HubNotFound(message, status=status)
+    if status == 409:
+        raise HubConflict(message, status=status)
+    raise HubRequestError(message, status=status)
+
+
+class HubClient:
+    """Synchronous client; one per process (httpx pools connections and is thread-safe)."""
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=api_url.rstrip("/") + "/",
+            headers={"Authorization": f"token {token}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as e:
+            raise HubUnavailable(f"Hub timed out on {method} /{_path_only(path)}") from e
+        except httpx.TransportError as e:
+            raise HubUnavailable(f"Hub unreachable: {type(e).__name__}") from e
+        raise_for_status(response)
+        return response
+
+    # -- users ---------------------------------------------------------------
+
+    def get_user(self, name: str) -> HubUser | None:
+        try:
+            return _parse_user(self._request("GET", f"users/{quote(name)}").json())
+        except HubNotFound:
+            return None
+
+    def create_user(self, name: str) -> bool:
+        """Create the user; False if it already existed (a retry after a lost answer)."""
+        try:
+            self._request("POST", f"users/{quote(name)}")
+        except HubConflict:
+            return False
+        return True
+
+    def delete_user(self, name: str) -> bool:
+        """Delete the user; False if it was already gone."""
+        try:
+            self._request("DELETE", f"users/{quote(name)}")
+        except HubNotFound:
+            return False
+        return True
+
+    def iter_users(self, *, page_size: int = 200) -> Iterator[HubUser]:
+        """All users, read in pages (without the pagination media type the Hub stops at 200)."""
+        offset = 0
+        while True:
+            response = self._request(
+                "GET",
+                "users",
+                params={"offset": offset, "limit": page_size, "include_stopped_servers": "1"},
+                headers={"Accept": PAGINATION_MEDIA_TYPE},
+            )
+            body = response.json()
+            for item in body["items"]:
+                yield _parse_user(item)
+            next_page = body.get("_pagination", {}).get("next")
+            if not next_page:
+                return
+            offset = int(next_page["offset"])
+
+    # -- servers -------------------------------------------------------------
+
+    def start_server(self, name: str, user_options: dict[str, Any]) -> bool:
+        """Ask for the default server. True when it is ready already, False when pending.
+
+        "already running" on a retry counts as ready; "pending spawn" as pending.
+        """
+        try:
+            response = self._request(
+                "POST", f"users/{quote(name)}/server", json={"user_options": user_options}
+            )
+        except HubRequestError as e:
+            if e.status == 400 and "already running" in e.message:
+                return True
+            raise
+        return response.status_code == 201
+
+    def stop_server(self, name: str, server_name: str = "") -> bool:
+        """Stop a server; True when stopped (or already gone), False while it is stopping."""
+        path = (
+            f"users/{quote(name)}/servers/{quote(server_name)}"
+            if server_name
+            else (f"users/{quote(name)}/server")
+        )
+        try:
+            response = self._request("DELETE", path)
+        except HubNotFound:
+            return True
+        return response.status_code != 202
+
+    def wait_ready(
+        self,
+        name: str,
+        *,
+        timeout: float,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> str:
+        """Follow the Hub's progress stream until the server is ready; return its URL path."""
+        deadline = time.monotonic() + timeout
+        try:
+            with self._http.stream(
+                "GET",
+                f"users/{quote(name)}/server/progress",
+                headers={"Accept": "text/event-stream"},
+                timeout=httpx.Timeout(self._http.timeout.connect, read=max(timeout, 1.0)),
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for_status(response)
+                for line in response.iter_lines():
+                    if time.monotonic() > deadline:
+                        break
+                    if not line.startswith("data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if event.get("failed"):
+                        raise HubSpawnFailed(str(event.get("message") or "Spawn failed"))
+                    if event.get("ready"):
+                        return str(event["url"])
+                    if on_progress and event.get("message"):
+                        on_progress(str(event["message"]))
+        except httpx.TimeoutException as e:
+            raise HubUnavailable("Server did not become ready in time") from e
+        except httpx.TransportError as e:
+            raise HubUnavailable(f"Hub unreachable: {type(e).__name__}") from e
+        raise HubUnavailable("Progress stream ended before the server was ready")
+
+    # -- tokens and health ---------------------------------------------------
+
+    def create_token(self, name: str, *, scopes: list[str], expires_in: int, note: str) -> str:
+        """Issue a token for the user; the plaintext is returned once and never logged."""
+        response = self._request(
+            "POST",
+            f"users/{quote(name)}/tokens",
+            json={"scopes": scopes, "expires_in": expires_in, "note": note},
+        )
+        return str(response.json()["token"])
+
+    def ping(self) -> None:
+        """Raise HubError unless the Hub API answers and accepts our token."""
+        self._request("GET", "user")
+
+
+def _path_only(path: str) -> str:
+    return path.split("?", 1)[0]

@@ -1,0 +1,269 @@
+"""The launch steps: from a queued row to a running server, and back to nothing.
+
+Each step re-reads the row, does only the work that is missing, advances the status and
+commits, so running the whole thing twice (a redelivered message, a retry) has one effect:
+the Hub user name is chosen once and stored before the first Hub call, "already exists" and
+"already running" count as done, and the final UPDATE to ``ready`` is conditional on nobody
+having asked to end the launch meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography.fernet import Fernet
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from worker.db import as_utc, session_scope, utcnow
+from worker.hub_client import HubClient, HubError, HubRequestError, HubUnavailable
+from worker.launches import describe_spec, get_launch, new_hub_user_name, record_event
+from worker.models import EndReason, Launch, Phase, Status
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Extra life for the server token beyond the session, so a clock skew never cuts a session short.
+TOKEN_GRACE = 60
+
+
+@dataclass
+class LaunchContext:
+    """What the steps need, built once per worker process."""
+
+    settings: Settings
+    hub: HubClient
+    cipher: Fernet
+    notify: Callable[[str], None] = lambda _launch_id: None
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+    def deadline(self, launch: Launch) -> datetime:
+        return as_utc(launch.created_at) + timedelta(seconds=self.settings.launch_timeout)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the task should do next: nothing, run again after ``retry_in`` seconds, or hand the
+    unfinished removal of the Hub user to the teardown task after ``teardown_in`` seconds."""
+
+    retry_in: float | None = None
+    teardown_in: float | None = None
+
+
+DONE = Outcome()
+
+
+def backoff(attempt: int, *, retry_after: float | None = None, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter; a Hub's Retry-After is a floor."""
+    delay = random.uniform(0, min(cap, 0.5 * 2**attempt))  # noqa: S311 - jitter, not crypto
+    return max(delay, retry_after or 0.0)
+
+
+def advance(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
+    """Run the missing steps of one launch until it is ready, failed or must wait for the Hub."""
+    try:
+        return _advance(ctx, launch_id)
+    except HubUnavailable as e:
+        with session_scope(ctx.settings.database_url) as db:
+            launch = get_launch(db, launch_id)
+            if launch is None or launch.is_terminal:
+                return DONE
+            if ctx.clock() < ctx.deadline(launch):
+                delay = backoff(attempt, retry_after=e.retry_after)
+                log.warning("launch %s: %s; retrying in %.1fs", launch_id, e.message, delay)
+                return Outcome(retry_in=delay)
+        return _fail(ctx, launch_id, _timeout_message(ctx, e))
+    except HubRequestError as e:
+        log.warning("launch %s failed: %s", launch_id, e.message)
+        return _fail(ctx, launch_id, _user_message(e))
+    except Exception:
+        log.exception("launch %s: unexpected error", launch_id)
+        return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")
+
+
+def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
+    settings = ctx.settings
+    with session_scope(settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is None or launch.is_terminal or launch.status == Status.ready:
+            return DONE
+        if launch.end_requested_at is not None:
+            return _end_now(ctx, db, launch)
+        if ctx.clock() >= ctx.deadline(launch):
+            raise HubUnavailable("launch timeout passed")  # handled as a timeout by advance()
+        if launch.hub_user is None:
+            now = ctx.clock()
+            launch.hub_user = new_hub_user_name(settings.user_prefix)
+            launch.status = Status.launching
+            launch.updated_at = now
+            record_event(db, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now)
+            record_event(db, launch, Phase.launching, "Launching server...", now=now)
+        name = launch.hub_user
+        image = launch.spec["image"]
+        deadline = ctx.deadline(launch)
+    ctx.notify(launch_id)
+
+    ctx.hub.create_user(name)
+    ready = ctx.hub.start_server(name, {"image": image})
+    if not ready:
+        remaining = (deadline - ctx.clock()).total_seconds()
+        ctx.hub.wait_ready(
+            name, timeout=max(remaining, 0.1), on_progress=lambda m: _progress(ctx, launch_id, m)
+        )
+    return _issue_token(ctx, launch_id, name)
+
+
+def _progress(ctx: LaunchContext, launch_id: str, message: str) -> None:
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is not None and not launch.is_terminal:
+            record_event(db, launch, Phase.launching, message, now=ctx.clock())
+    ctx.notify(launch_id)
+
+
+def _issue_token(ctx: LaunchContext, launch_id: str, name: str) -> Outcome:
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is None or launch.status != Status.launching:
+            return DONE
+        lifetime = launch.lifetime
+    # The token opens this one user's server only and dies with the session.
+    token = ctx.hub.create_token(
+        name,
+        scopes=[f"access:servers!user={name}"],
+        expires_in=lifetime + TOKEN_GRACE,
+        note=f"hublaunch session {launch_id}",
+    )
+    now = ctx.clock()
+    with session_scope(ctx.settings.database_url) as db:
+        became_ready = db.execute(  # type: ignore[attr-defined]  # CursorResult.rowcount
+            update(Launch)
+            .where(
+                Launch.id == launch_id,
+                Launch.status == Status.launching,
+                Launch.end_requested_at.is_(None),
+            )
+            .values(
+                status=Status.ready,
+                token_ciphertext=ctx.cipher.encrypt(token.encode()).decode(),
+                ready_at=now,
+                expires_at=now + timedelta(seconds=lifetime),
+                updated_at=now,
+            )
+        ).rowcount
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        if not became_ready:
+            # Ended while we were starting it: the owner asked, so take it down now.
+            return _end_now(ctx, db, launch)
+        record_event(
+            db, launch, Phase.ready, "Server ready", data={"url": server_url(ctx, launch)}, now=now
+        )
+    ctx.notify(launch_id)
+    log.info("launch %s ready as %s", launch_id, name)
+    return DONE
+
+
+def server_url(ctx: LaunchContext | Settings, launch: Launch) -> str:
+    """The user's server URL, without the token."""
+    settings = ctx.settings if isinstance(ctx, LaunchContext) else ctx
+    return f"{settings.public_url}/user/{launch.hub_user}/"
+
+
+def _fail(ctx: LaunchContext, launch_id: str, message: str) -> Outcome:
+    now = ctx.clock()
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is None or launch.is_terminal:
+            return DONE
+        launch.status = Status.failed
+        launch.error = message
+        launch.end_reason = EndReason.failed
+        launch.ended_at = now
+        launch.updated_at = now
+        launch.token_ciphertext = None
+        record_event(db, launch, Phase.failed, message, now=now)
+    ctx.notify(launch_id)
+    return _handoff(teardown(ctx, launch_id))
+
+
+def _end_now(ctx: LaunchContext, db: Session, launch: Launch) -> Outcome:
+    now = ctx.clock()
+    if not launch.is_terminal:
+        launch.status = Status.ended
+        launch.end_reason = launch.end_reason or EndReason.requested
+        launch.ended_at = now
+        launch.updated_at = now
+        launch.token_ciphertext = None
+    db.commit()
+    ctx.notify(launch.id)
+    return _handoff(teardown(ctx, launch.id))
+
+
+def _handoff(outcome: Outcome) -> Outcome:
+    return Outcome(teardown_in=outcome.retry_in) if outcome.retry_in is not None else DONE
+
+
+def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
+    """Stop every server of the launch's Hub user, then delete the user. Safe to repeat.
+
+    A ready launch whose end was requested becomes ``ended``; a failed one stays ``failed``.
+    Returns a retry delay while the Hub is unreachable or a server is still stopping.
+    """
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is None or launch.user_removed_at is not None:
+            return DONE
+        name = launch.hub_user
+    try:
+        if name is not None and not remove_hub_user(ctx.hub, name):
+            return Outcome(retry_in=backoff(attempt, cap=10.0))
+    except HubUnavailable as e:
+        log.warning("teardown of launch %s: %s", launch_id, e.message)
+        return Outcome(retry_in=backoff(attempt, retry_after=e.retry_after))
+    now = ctx.clock()
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        launch.user_removed_at = now
+        launch.token_ciphertext = None
+        if not launch.is_terminal:
+            launch.status = Status.ended
+            launch.end_reason = launch.end_reason or EndReason.requested
+            launch.ended_at = now
+        launch.updated_at = now
+    ctx.notify(launch_id)
+    return DONE
+
+
+def remove_hub_user(hub: HubClient, name: str) -> bool:
+    """Stop all servers, then delete the user. False while a server is still stopping."""
+    user = hub.get_user(name)
+    if user is None:
+        return True
+    stopped = all(hub.stop_server(name, server) for server in user.servers)
+    if not stopped:
+        return False
+    try:
+        hub.delete_user(name)
+    except HubRequestError as e:
+        # "in the process of stopping, please wait": finished on the next attempt.
+        if e.status == 400:
+            return False
+        raise
+    return True
+
+
+def _timeout_message(ctx: LaunchContext, e: HubError) -> str:
+    return (
+        f"The server did not start within {ctx.settings.launch_timeout} s "
+        f"(last problem: {e.message}). Try again in a few minutes."
+    )
+
+
+def _user_message(e: HubRequestError) -> str:
+    return f"The server could not be started: {e.message}"

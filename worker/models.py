@@ -1,0 +1,112 @@
+"""Database tables: a launch and the events it emitted."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names so Alembic autogenerate and downgrades stay tidy.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Status(enum.StrEnum):
+    queued = "queued"
+    building = "building"
+    launching = "launching"
+    ready = "ready"
+    failed = "failed"
+    ended = "ended"
+
+
+TERMINAL = frozenset({Status.failed, Status.ended})
+
+
+class Phase(enum.StrEnum):
+    """Event phases, named as BinderHub names them."""
+
+    waiting = "waiting"
+    fetching = "fetching"
+    building = "building"
+    built = "built"
+    launching = "launching"
+    ready = "ready"
+    failed = "failed"
+
+
+class EndReason(enum.StrEnum):
+    expired = "expired"
+    idle = "idle"
+    requested = "requested"
+    failed = "failed"
+    orphan = "orphan"
+    gone = "gone"
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class Launch(Base):
+    __tablename__ = "launches"
+
+    # secrets.token_urlsafe(16): 128 random bits, the capability to watch and end this launch.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Chosen once, before the first Hub call, and reused by every retry.
+    hub_user: Mapped[str | None] = mapped_column(String(64), unique=True)
+    lifetime: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    end_reason: Mapped[str | None] = mapped_column(String(16))
+    # Fernet ciphertext of the server token; never the plaintext.
+    token_ciphertext: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    ready_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    ended_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    end_requested_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # When the Hub user was confirmed gone (or never existed); NULL means cleanup is owed.
+    user_removed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class LaunchEvent(Base):
+    __tablename__ = "launch_events"
+    __table_args__ = (Index("ix_launch_events_launch_id_id", "launch_id", "id"),)
+
+    # The id doubles as the SSE event id, so reconnects resume with Last-Event-ID.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    launch_id: Mapped[str] = mapped_column(ForeignKey("launches.id", ondelete="CASCADE"))
+    phase: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)

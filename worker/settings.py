@@ -1,0 +1,51 @@
+"""One settings object for every process (API, worker, beat, CLI), from HUBLAUNCH_* variables."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(".hublaunch")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HUBLAUNCH_", extra="ignore")
+
+    database_url: str = f"sqlite:///{DATA_DIR / 'hublaunch.sqlite'}"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    hub_api_url: str = "http://127.0.0.1:8000/hub/api"
+    hub_api_token: SecretStr = SecretStr("")
+    public_url: str = "http://127.0.0.1:8000"
+    user_prefix: str = "hl-"
+    session_max_age: int = Field(21600, gt=0)
+    launch_timeout: int = Field(600, gt=0)
+    # Fernet key for tokens at rest; when empty a key file is created under DATA_DIR (dev only).
+    secret_key: SecretStr = SecretStr("")
+    secret_key_file: Path = DATA_DIR / "secret.key"
+    # Seconds one Hub request may take; transient failures are retried by the task with backoff.
+    hub_request_timeout: float = Field(10.0, gt=0)
+    # Celery queue for launches; tests use a fresh name per run so stale workers cannot steal.
+    queue: str = "launches"
+    # Celery: run tasks in the calling process (unit tests only).
+    task_always_eager: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("hub_api_url", "public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("user_prefix")
+    @classmethod
+    def _prefix_is_a_name(cls, value: str) -> str:
+        if not value or not value[0].isalpha() or not all(c.isalnum() or c == "-" for c in value):
+            raise ValueError("user_prefix must start with a letter and hold only [a-z0-9-]")
+        return value.lower()
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,28 @@
+"""Celery tasks: unpack the id, call one domain function, map its outcome to a retry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import launcher
+from worker.celery_app import app
+from worker.context import launch_context
+from worker.enqueue import LAUNCH_TASK, TEARDOWN_TASK, send_teardown
+
+
+# The launch is retried by the domain's own backoff until its deadline, so no retry cap here.
+@app.task(name=LAUNCH_TASK, bind=True, max_retries=None)
+def launch(self: Any, launch_id: str) -> None:
+    outcome = launcher.advance(launch_context(), launch_id, attempt=self.request.retries)
+    if outcome.teardown_in is not None:
+        send_teardown(launch_id, countdown=outcome.teardown_in)
+    elif outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
+
+
+# Removing a user is retried for a day at most; after that the orphan sweep takes over.
+@app.task(name=TEARDOWN_TASK, bind=True, max_retries=2000)
+def teardown(self: Any, launch_id: str) -> None:
+    outcome = launcher.teardown(launch_context(), launch_id, attempt=self.request.retries)
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)

@@ -133,7 +133,9 @@ class Stack:
         upgrade(self.config.database_url)
         hublaunch = [sys.executable, "-m", "hublaunch.cli"]
         if self.config.hub:
-            self._spawn("hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)])
+            self._spawn(
+                "hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)]
+            )
         self._spawn("api", [*hublaunch, "api", "--port", str(self.app_port)])
         self._spawn(
             "worker", [*hublaunch, "worker", "--concurrency", str(self.config.worker_concurrency)]

@@ -35,19 +35,26 @@ PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
 class HubError(Exception):
     """Any failure talking to the Hub."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        # The Hub's own words, without our framing: safe to show to the person launching.
+        self.detail = detail or message
 
 
 class HubUnavailable(HubError):
     """Transient trouble; the same call may succeed later."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        detail: str = "",
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message, status=status, detail=detail)
         self.retry_after = retry_after
 
 
@@ -132,14 +139,14 @@ def raise_for_status(response: httpx.Response) -> None:
     status = response.status_code
     if status < 400:
         return
-    message = f"Hub answered {status}: {_message(response)}"
+    detail = _message(response)
+    message = f"Hub answered {status}: {detail}"
     if status == 429 or status >= 500:
-        raise HubUnavailable(message, status=status, retry_after=_retry_after(response))
-    if status == 404:
-        raise HubNotFound(message, status=status)
-    if status == 409:
-        raise HubConflict(message, status=status)
-    raise HubRequestError(message, status=status)
+        raise HubUnavailable(
+            message, status=status, detail=detail, retry_after=_retry_after(response)
+        )
+    error = {404: HubNotFound, 409: HubConflict}.get(status, HubRequestError)
+    raise error(message, status=status, detail=detail)
 
 
 class HubClient:
@@ -227,7 +234,7 @@ class HubClient:
                 "POST", f"users/{quote(name)}/server", json={"user_options": user_options}
             )
         except HubRequestError as e:
-            if e.status == 400 and "already running" in e.message:
+            if e.status == 400 and "already running" in e.detail:
                 return True
             raise
         return response.status_code == 201
@@ -271,7 +278,8 @@ class HubClient:
                         continue
                     event = json.loads(line[5:])
                     if event.get("failed"):
-                        raise HubSpawnFailed(str(event.get("message") or "Spawn failed"))
+                        detail = str(event.get("message") or "Spawn failed")
+                        raise HubSpawnFailed(f"progress: {detail}", detail=detail)
                     if event.get("ready"):
                         return str(event["url"])
                     if on_progress and event.get("message"):

@@ -266,4 +266,4 @@ def _timeout_message(ctx: LaunchContext, e: HubError) -> str:
 
 
 def _user_message(e: HubRequestError) -> str:
-    return f"The server could not be started: {e.message}"
+    return f"The server could not be started: {e.detail.removeprefix('Spawn failed: ')}"

@@ -1,0 +1,57 @@
+# Daily commands. `make help` lists them. Python 3.11+ and Node.js are the only prerequisites.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROXY  := node_modules/.bin/configurable-http-proxy
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev test test-unit test-integration lint fmt migrate bench compose-check clean
+
+help: ## list the daily commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(PROXY): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(STAMP) $(PROXY) ## create .venv and install Python and Node dependencies
+
+dev: install ## run the whole local stack (Hub + proxy + app + worker + beat) on :8000
+	$(BIN)/hublaunch dev --port $${PORT:-8000}
+
+test: install lint ## lint, then every test (unit + integration against real Hub, Redis, PostgreSQL)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: install ## only the fast unit tests
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install ## only the integration tests
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+lint: install ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install ## format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+migrate: install ## apply migrations to HUBLAUNCH_DATABASE_URL
+	$(BIN)/hublaunch migrate
+
+bench: install ## run the benchmarks (figures go in docs/benchmarks.md)
+	$(BIN)/python bench/launch_overhead.py
+
+compose-check: ## validate docker-compose.yml
+	docker-compose config -q
+
+clean: ## remove the venv, node_modules and local state
+	rm -rf $(VENV) node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts

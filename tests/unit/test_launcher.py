@@ -1,0 +1,225 @@
+"""The launch state machine against an in-memory Hub: each step once, retries, failures, ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.fakes import FakeHub
+from tests.unit.conftest import Clock
+from worker import launcher
+from worker.db import session_scope
+from worker.launcher import LaunchContext
+from worker.launches import create_launch, get_launch, request_end
+from worker.models import Launch, LaunchEvent, Status
+
+
+def new_launch(ctx: LaunchContext, image: str = "default", lifetime: int = 600) -> str:
+    with session_scope(ctx.settings.database_url) as db:
+        return create_launch(db, {"image": image}, lifetime=lifetime, now=ctx.clock()).id
+
+
+def load(ctx: LaunchContext, launch_id: str) -> tuple[Launch, list[str]]:
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        phases = list(
+            db.scalars(
+                select(LaunchEvent.phase)
+                .where(LaunchEvent.launch_id == launch_id)
+                .order_by(LaunchEvent.id)
+            )
+        )
+        return launch, phases
+
+
+def test_queued_launch_becomes_ready_with_encrypted_token(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx)
+
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.ready
+    assert phases == ["waiting", "built", "launching", "ready"]
+    assert launch.hub_user is not None and launch.hub_user.startswith("hl-")
+    assert launch.hub_user in hub.users
+    [token] = hub.tokens
+    assert launch.token_ciphertext and token not in launch.token_ciphertext
+    assert ctx.cipher.decrypt(launch.token_ciphertext.encode()).decode() == token
+    assert launch.expires_at is not None and launch.ready_at is not None
+    assert (launch.expires_at - launch.ready_at).total_seconds() == 600
+    assert launch_id in ctx.notified  # type: ignore[attr-defined]
+
+
+def test_running_twice_has_one_effect(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx)
+    launcher.advance(ctx, launch_id)
+    calls = len(hub.calls)
+
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert len(hub.calls) == calls  # a redelivered message finds the launch ready: no Hub call
+    assert len(hub.users) == 1 and len(hub.tokens) == 1
+
+
+def test_user_name_is_stored_before_the_first_hub_call(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx)
+    seen: list[str | None] = []
+
+    def check_row(what: str, name: str) -> None:
+        if not seen:
+            launch, _ = load(ctx, launch_id)
+            seen.append(launch.hub_user)
+
+    hub.on_call = check_row
+    launcher.advance(ctx, launch_id)
+    launch, _ = load(ctx, launch_id)
+    assert seen == [launch.hub_user]
+
+
+def test_transient_trouble_retries_with_the_same_user_name(
+    ctx: LaunchContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+    hub.down_for = 1  # the create call itself fails once
+    outcome = launcher.advance(ctx, launch_id)
+    assert outcome.retry_in is not None and outcome.retry_in >= 0
+    first, _ = load(ctx, launch_id)
+    assert first.status == Status.launching
+
+    assert launcher.advance(ctx, launch_id, attempt=1) == launcher.DONE
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.ready
+    assert launch.hub_user == first.hub_user
+    assert list(hub.users) == [first.hub_user]
+
+
+def test_retry_honours_retry_after() -> None:
+    assert launcher.backoff(0, retry_after=7.0) >= 7.0
+    assert all(0 <= launcher.backoff(n) <= 30 for n in range(20))
+
+
+def test_hub_down_past_the_deadline_fails_with_a_clear_error(
+    ctx: LaunchContext, hub: FakeHub, clock: Clock
+) -> None:
+    launch_id = new_launch(ctx)
+    hub.down_for = 1000
+    assert launcher.advance(ctx, launch_id).retry_in is not None
+    clock.advance(61)
+
+    outcome = launcher.advance(ctx, launch_id, attempt=5)
+
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.failed
+    assert launch.error is not None and "did not start within 60 s" in launch.error
+    assert phases[-1] == "failed"
+    assert launch.user_removed_at is None  # the Hub is still down: removal is handed off
+    assert outcome.teardown_in is not None
+
+    hub.down_for = 0
+    assert launcher.teardown(ctx, launch_id) == launcher.DONE
+    launch, _ = load(ctx, launch_id)
+    assert launch.user_removed_at is not None
+    assert hub.users == {}
+
+
+def test_unknown_image_fails_and_deletes_the_user(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx, image="nope")
+
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.failed
+    assert launch.error == "The server could not be started: Unknown image 'nope'"
+    assert phases[-1] == "failed"
+    assert hub.users == {}
+    assert launch.user_removed_at is not None
+
+
+def test_spawn_failure_in_progress_fails_the_launch(ctx: LaunchContext, hub: FakeHub) -> None:
+    hub.start_pending = True
+    launch_id = new_launch(ctx)
+    original_start = hub.start_server
+
+    def start_broken(name: str, options: dict[str, Any]) -> bool:
+        original_start(name, options)
+        hub.users[name]["servers"][""] = "broken"
+        return False
+
+    hub.start_server = start_broken  # type: ignore[method-assign]
+    launcher.advance(ctx, launch_id)
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.failed
+    assert launch.error == "The server could not be started: boom"
+    assert "launching" in phases and hub.users == {}
+
+
+def test_end_requested_while_launching_tears_down(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx)
+
+    def end_when_token_is_issued(what: str, name: str) -> None:
+        if what == "create_token":
+            with session_scope(ctx.settings.database_url) as db:
+                launch = get_launch(db, launch_id)
+                assert launch is not None
+                assert request_end(db, launch) is False  # the running task will see the flag
+
+    hub.on_call = end_when_token_is_issued
+    launcher.advance(ctx, launch_id)
+
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.ended
+    assert launch.end_reason == "requested"
+    assert launch.token_ciphertext is None
+    assert hub.users == {}
+
+
+def test_end_of_a_ready_launch_is_sent_to_teardown(ctx: LaunchContext, hub: FakeHub) -> None:
+    launch_id = new_launch(ctx)
+    launcher.advance(ctx, launch_id)
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        assert request_end(db, launch) is True
+
+    hub.stop_pending_rounds = 1  # the Hub answers 202 "stopping" once
+    first = launcher.teardown(ctx, launch_id)
+    assert first.retry_in is not None
+    assert load(ctx, launch_id)[0].status == Status.ready
+
+    assert launcher.teardown(ctx, launch_id, attempt=1) == launcher.DONE
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.ended and launch.ended_at is not None
+    assert hub.users == {}
+    # Ending twice is a no-op.
+    assert launcher.teardown(ctx, launch_id) == launcher.DONE
+
+
+def test_queued_launch_ended_before_it_ran_never_touches_the_hub(
+    ctx: LaunchContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        assert request_end(db, launch) is False
+
+    launcher.advance(ctx, launch_id)
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.ended
+    assert hub.calls == []
+    assert phases[-1] == "failed"  # watchers learn the launch will not become ready
+
+
+@pytest.mark.parametrize("status", [Status.failed, Status.ended])
+def test_terminal_launches_are_left_alone(
+    ctx: LaunchContext, hub: FakeHub, status: Status
+) -> None:
+    launch_id = new_launch(ctx)
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        launch.status = status
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert hub.calls == []

@@ -193,6 +193,9 @@ def _fail(ctx: LaunchContext, launch_id: str, message: str) -> Outcome:
 
 def _end_now(ctx: LaunchContext, db: Session, launch: Launch) -> Outcome:
     now = ctx.clock()
+    if launch.status in (Status.queued, Status.building, Status.launching):
+        # The event stream ends on ready or failed; tell watchers this one will not be ready.
+        record_event(db, launch, Phase.failed, "The launch was ended before it was ready.", now=now)
     if not launch.is_terminal:
         launch.status = Status.ended
         launch.end_reason = launch.end_reason or EndReason.requested

@@ -20,8 +20,14 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.db import as_utc, session_scope, utcnow
-from worker.hub_client import HubClient, HubError, HubRequestError, HubUnavailable
-from worker.launches import describe_spec, get_launch, new_hub_user_name, record_event
+from worker.hub_client import HubClient, HubRequestError, HubUnavailable
+from worker.launches import (
+    describe_spec,
+    events_after,
+    get_launch,
+    new_hub_user_name,
+    record_event,
+)
 from worker.models import EndReason, Launch, Phase, Status
 from worker.settings import Settings
 
@@ -63,26 +69,51 @@ def backoff(attempt: int, *, retry_after: float | None = None, cap: float = 30.0
     return max(delay, retry_after or 0.0)
 
 
+class LaunchTimedOut(Exception):
+    """The launch passed its deadline before its next step."""
+
+
 def advance(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
     """Run the missing steps of one launch until it is ready, failed or must wait for the Hub."""
     try:
         return _advance(ctx, launch_id)
+    except LaunchTimedOut:
+        return _fail(ctx, launch_id, _timeout_message(ctx, _last_problem(ctx, launch_id)))
     except HubUnavailable as e:
         with session_scope(ctx.settings.database_url) as db:
             launch = get_launch(db, launch_id)
             if launch is None or launch.is_terminal:
                 return DONE
-            if ctx.clock() < ctx.deadline(launch):
-                delay = backoff(attempt, retry_after=e.retry_after)
+            remaining = (ctx.deadline(launch) - ctx.clock()).total_seconds()
+            if remaining > 0:
+                # Never sleep past the deadline: the last try happens in time to report it.
+                delay = min(backoff(attempt, retry_after=e.retry_after), remaining)
                 log.warning("launch %s: %s; retrying in %.1fs", launch_id, e.message, delay)
+                record_event(
+                    db,
+                    launch,
+                    Phase.launching,
+                    f"Waiting for the Hub ({e.detail}); retrying in {delay:.1f} s",
+                    data={"problem": e.message},
+                    now=ctx.clock(),
+                )
+                ctx.notify(launch_id)
                 return Outcome(retry_in=delay)
-        return _fail(ctx, launch_id, _timeout_message(ctx, e))
+        return _fail(ctx, launch_id, _timeout_message(ctx, e.message))
     except HubRequestError as e:
         log.warning("launch %s failed: %s", launch_id, e.message)
         return _fail(ctx, launch_id, _user_message(e))
     except Exception:
         log.exception("launch %s: unexpected error", launch_id)
         return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")
+
+
+def _last_problem(ctx: LaunchContext, launch_id: str) -> str | None:
+    with session_scope(ctx.settings.database_url) as db:
+        problems = [
+            e.data["problem"] for e in events_after(db, launch_id) if e.data and "problem" in e.data
+        ]
+    return problems[-1] if problems else None
 
 
 def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
@@ -94,7 +125,7 @@ def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
         if launch.end_requested_at is not None:
             return _end_now(ctx, db, launch)
         if ctx.clock() >= ctx.deadline(launch):
-            raise HubUnavailable("launch timeout passed")  # handled as a timeout by advance()
+            raise LaunchTimedOut
         if launch.hub_user is None:
             now = ctx.clock()
             launch.hub_user = new_hub_user_name(settings.user_prefix)
@@ -261,10 +292,11 @@ def remove_hub_user(hub: HubClient, name: str) -> bool:
     return True
 
 
-def _timeout_message(ctx: LaunchContext, e: HubError) -> str:
+def _timeout_message(ctx: LaunchContext, problem: str | None) -> str:
+    because = f" (last problem: {problem})" if problem else ""
     return (
-        f"The server did not start within {ctx.settings.launch_timeout} s "
-        f"(last problem: {e.message}). Try again in a few minutes."
+        f"The server did not start within {ctx.settings.launch_timeout} s{because}. "
+        "Try again in a few minutes."
     )
 
 

@@ -98,7 +98,9 @@ def test_progress_stream_ready_and_failed() -> None:
         body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
         return client(
             httpx.MockTransport(
-                lambda r: httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
+                lambda r: httpx.Response(
+                    200, text=body, headers={"Content-Type": "text/event-stream"}
+                )
             )
         )
 

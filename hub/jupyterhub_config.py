@@ -48,8 +48,11 @@ c.JupyterHub.spawner_class = {
     "local": "hub.spawners.EnvironmentSpawner",
     "fake": "hub.spawners.FakeSpawner",
 }[spawner]
-# Answer the start request quickly; hublaunch follows the progress stream instead.
-c.JupyterHub.slow_spawn_timeout = 1
+# Answer the start request within a second (202 while pending); hublaunch then follows the
+# progress stream. JupyterHub reads this from tornado_settings, not as a JupyterHub trait.
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 1}
+# The launch's user_options carry only the image; it sets the spawner's `image` trait.
+c.Spawner.apply_user_options = {"image": "image"}
 c.Spawner.start_timeout = int(env.get("HUBLAUNCH_LAUNCH_TIMEOUT", "600"))
 c.Spawner.http_timeout = 60
 # JupyterHub 6 ignores ?token= in URLs unless the server allows it. hublaunch hands out

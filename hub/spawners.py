@@ -38,10 +38,10 @@ class ImageChoice(LoggingConfigurable):
         help="Image name -> Python environment prefix holding jupyterhub-singleuser.",
     ).tag(config=True)
 
-    user_options: dict[str, Any]
+    image = Unicode("default", help="Set per launch from user_options['image'].").tag(config=True)
 
     def chosen_environment(self) -> str:
-        image = str(self.user_options.get("image") or "default")
+        image = self.image or "default"
         name = image.split(":", 1)[0] if image.count(":") == 1 else image
         for candidate in (image, name):
             if candidate in self.environments:

@@ -119,7 +119,8 @@ class Stack:
         self.procs[name] = subprocess.Popen(
             args,
             env=self.environ(),
-            cwd=self.config.data_dir,
+            # The caller's directory, so relative paths in settings mean the same in every child.
+            cwd=os.getcwd(),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

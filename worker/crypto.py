@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -13,13 +14,20 @@ from worker.settings import Settings
 __all__ = ["InvalidToken", "cipher"]
 
 
-def _load_or_create_key(path: Path) -> bytes:
+@functools.cache
+def _key_from_file(path: Path) -> bytes:
     # Development convenience: one key per data directory, readable by its owner only.
-    if path.exists():
-        return path.read_bytes().strip()
+    # O_EXCL makes the first writer win when the API and a worker start at the same moment.
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the winner may not have written the key yet
+            if key := path.read_bytes().strip():
+                return key
+            time.sleep(0.01)
+        raise RuntimeError(f"{path} is empty; delete it or set HUBLAUNCH_SECRET_KEY") from None
     key = Fernet.generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key
@@ -32,5 +40,5 @@ def _cipher(key: bytes) -> Fernet:
 
 def cipher(settings: Settings) -> Fernet:
     configured = settings.secret_key.get_secret_value()
-    key = configured.encode() if configured else _load_or_create_key(settings.secret_key_file)
+    key = configured.encode() if configured else _key_from_file(settings.secret_key_file.resolve())
     return _cipher(key)

@@ -189,8 +189,11 @@ def _issue_token(ctx: LaunchContext, launch_id: str, name: str) -> Outcome:
         launch = get_launch(db, launch_id)
         assert launch is not None
         if not became_ready:
-            # Ended while we were starting it: the owner asked, so take it down now.
-            return _end_now(ctx, db, launch)
+            if launch.end_requested_at is not None and launch.status == Status.launching:
+                # Ended while we were starting it: the owner asked, so take it down now.
+                return _end_now(ctx, db, launch)
+            # A duplicate run finished first; the token issued here dies with the session.
+            return DONE
         record_event(
             db, launch, Phase.ready, "Server ready", data={"url": server_url(ctx, launch)}, now=now
         )

@@ -224,3 +224,22 @@ def test_terminal_launches_are_left_alone(ctx: LaunchContext, hub: FakeHub, stat
         launch.status = status
     assert launcher.advance(ctx, launch_id) == launcher.DONE
     assert hub.calls == []
+
+
+def test_a_duplicate_run_finishing_first_leaves_the_launch_ready(
+    ctx: LaunchContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+
+    def duplicate_wins(what: str, name: str) -> None:
+        if what == "create_token" and not hub.tokens:
+            hub.on_call = None
+            assert launcher.advance(ctx, launch_id) == launcher.DONE  # the duplicate
+
+    hub.on_call = duplicate_wins
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.ready
+    assert phases.count("ready") == 1
+    assert launch.hub_user in hub.users

@@ -50,8 +50,10 @@ migrate: install ## apply migrations to HUBLAUNCH_DATABASE_URL
 bench: install ## run the benchmarks (figures go in docs/benchmarks.md)
 	$(BIN)/python bench/launch_overhead.py
 
-compose-check: ## validate docker-compose.yml
-	docker-compose config -q
+compose-check: ## validate docker-compose.yml (placeholder secrets; nothing is started)
+	@command -v docker-compose >/dev/null || { echo "install docker-compose (apt-get install docker-compose)"; exit 1; }
+	POSTGRES_PASSWORD=x HUBLAUNCH_HUB_API_TOKEN=x HUBLAUNCH_SECRET_KEY=x CONFIGPROXY_AUTH_TOKEN=x \
+	  docker-compose config -q
 
 clean: ## remove the venv, node_modules and local state
 	rm -rf $(VENV) node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -1,7 +1,7 @@
 """JupyterHub in API-only mode for hublaunch.
 
-The proxy sends only /hub/api/ to the Hub; every other path goes to the hublaunch app
-(``extra_routes``), which shows the launch form and the "session ended" page. Ports, the app's
+The proxy sends only /hub/api/ to the Hub; every other path (the URL of a session that is
+gone, too) goes to the hublaunch app (``extra_routes``). Ports, the app's
 URL and the spawner are read from the environment so several stacks can run side by side.
 Secrets come from the environment only: HUBLAUNCH_HUB_API_TOKEN (the service token) and
 CONFIGPROXY_AUTH_TOKEN (read by the Hub and the proxy themselves).

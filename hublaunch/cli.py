@@ -28,7 +28,7 @@ def _api(args: argparse.Namespace) -> int:
         log_level=get_settings().log_level.lower(),
         # Behind the proxy: trust its X-Forwarded-* so generated URLs use the public address.
         proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
+        forwarded_allow_ips=get_settings().forwarded_allow_ips,
     )
     return 0
 

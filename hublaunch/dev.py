@@ -59,6 +59,8 @@ def run(*, port: int, spawner: str) -> int:
             broker_url=broker,
             public_port=port,
             spawner=spawner,
+            # One queue per public port: two dev stacks on one Redis never take each other's work.
+            queue=f"{settings.queue}-{port}",
         )
     )
 

@@ -31,7 +31,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # retry countdown, or a slow launch would run twice at once.
         "broker_transport_options": {"visibility_timeout": max(3600, 2 * longest_task)},
         "broker_connection_retry_on_startup": True,
-        "task_always_eager": settings.task_always_eager,
         "worker_hijack_root_logger": False,
         "include": ["worker.tasks"],
     }

@@ -128,12 +128,24 @@ def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
             raise LaunchTimedOut
         if launch.hub_user is None:
             now = ctx.clock()
-            launch.hub_user = new_hub_user_name(settings.user_prefix)
-            launch.status = Status.launching
-            launch.updated_at = now
-            record_event(db, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now)
-            record_event(db, launch, Phase.launching, "Launching server...", now=now)
+            # Conditional on no name yet: a concurrent duplicate run cannot pick a second one.
+            chosen = db.execute(  # type: ignore[attr-defined]  # CursorResult.rowcount
+                update(Launch)
+                .where(Launch.id == launch_id, Launch.hub_user.is_(None))
+                .values(
+                    hub_user=new_hub_user_name(settings.user_prefix),
+                    status=Status.launching,
+                    updated_at=now,
+                )
+            ).rowcount
+            db.refresh(launch)
+            if chosen:
+                record_event(
+                    db, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now
+                )
+                record_event(db, launch, Phase.launching, "Launching server...", now=now)
         name = launch.hub_user
+        assert name is not None  # chosen just above, by this run or a concurrent one
         image = launch.spec["image"]
         deadline = ctx.deadline(launch)
     ctx.notify(launch_id)

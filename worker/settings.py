@@ -29,9 +29,9 @@ class Settings(BaseSettings):
     hub_request_timeout: float = Field(10.0, gt=0)
     # Celery queue for launches; tests use a fresh name per run so stale workers cannot steal.
     queue: str = "launches"
-    # Celery: run tasks in the calling process (unit tests only).
-    task_always_eager: bool = False
     log_level: str = "INFO"
+    # Addresses whose X-Forwarded-* headers the API trusts (the proxy), comma-separated.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @field_validator("hub_api_url", "public_url")
     @classmethod

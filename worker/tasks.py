@@ -20,7 +20,7 @@ def launch(self: Any, launch_id: str) -> None:
         raise self.retry(countdown=outcome.retry_in)
 
 
-# Removing a user is retried for a day at most; after that the orphan sweep takes over.
+# Removing a user is retried with capped backoff (hours); the scheduled cleanup reconciles after.
 @app.task(name=TEARDOWN_TASK, bind=True, max_retries=2000)
 def teardown(self: Any, launch_id: str) -> None:
     outcome = launcher.teardown(launch_context(), launch_id, attempt=self.request.retries)

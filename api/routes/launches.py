@@ -14,10 +14,10 @@ from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
 from worker import launches
 from worker.crypto import InvalidToken, cipher
-from worker.db import as_utc
+from worker.db import as_utc, session_scope
 from worker.enqueue import QueueUnavailable, send_launch, send_teardown
 from worker.launcher import server_url
-from worker.models import EndReason, Launch, Status
+from worker.models import EndReason, Launch, Phase, Status
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def create_launch(
         launch.error = "The launch queue is unavailable; nothing was started. Try again shortly."
         launch.end_reason = EndReason.failed
         launch.ended_at = launch.user_removed_at = launch.updated_at
+        launches.record_event(db, launch, Phase.failed, launch.error)
         db.commit()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, launch.error) from e
     status_url = str(request.url_for("get_launch", launch_id=launch.id))
@@ -123,9 +124,11 @@ def get_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **NOT_FOUND},
 )
-def launch_events(launch_id: str, request: Request, db: DbDep, settings: SettingsDep) -> Response:
-    if launches.get_launch(db, launch_id) is None:
-        raise _not_found()
+def launch_events(launch_id: str, request: Request, settings: SettingsDep) -> Response:
+    # A short session of its own: a request-scoped one would stay open as long as the stream.
+    with session_scope(settings.database_url) as db:
+        if launches.get_launch(db, launch_id) is None:
+            raise _not_found()
     after = request.headers.get("Last-Event-ID", "0")
     return StreamingResponse(
         event_stream(settings, launch_id, after_id=int(after) if after.isdigit() else 0),
@@ -152,6 +155,6 @@ def end_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
         except QueueUnavailable as e:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                "The queue is unavailable; the end is recorded and will be retried.",
+                "The queue is unavailable; the end is recorded. Send DELETE again shortly.",
             ) from e
     return view(settings, launch)

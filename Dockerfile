@@ -1,0 +1,38 @@
+# One image for every hublaunch process: the Hub (with its proxy), the API, the worker, beat and
+# the one-shot migration. docker-compose.yml picks the command. Build from the repository root.
+FROM python:3.11-slim
+
+# Node.js runs configurable-http-proxy, the proxy JupyterHub starts as its child process.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nodejs npm \
+    && npm install --global --no-audit --no-fund configurable-http-proxy@^5.0.1 \
+    && npm cache clean --force \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Only the package sources: no .venv, node_modules, local state or tests in the image.
+WORKDIR /opt/hublaunch
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY worker ./worker
+COPY hub ./hub
+COPY hublaunch ./hublaunch
+COPY migrations ./migrations
+RUN pip install .
+
+# Everything runs as an unprivileged user. Its working directory holds the relative state:
+# .hublaunch/ (beat's schedule) and hub/ (the Hub's database, cookie secret and the sessions'
+# working directories); docker-compose.yml mounts volumes there.
+RUN useradd --create-home --uid 10001 --user-group hublaunch \
+    && mkdir -p /srv/hublaunch/.hublaunch /srv/hublaunch/hub \
+    && chown -R hublaunch:hublaunch /srv/hublaunch
+USER hublaunch
+WORKDIR /srv/hublaunch
+
+# 8000: the proxy (the public address, in the hub service); 8010: the HTTP app.
+EXPOSE 8000 8010
+CMD ["hublaunch", "api", "--host", "0.0.0.0"]

@@ -27,6 +27,10 @@ c.Spawner.ip = "127.0.0.1"
 c.JupyterHub.hub_routespec = "/hub/api/"
 c.Proxy.extra_routes = {"/": env.get("HUBLAUNCH_APP_URL", "http://127.0.0.1:8010")}
 c.JupyterHub.authenticator_class = "null"
+# Operators' own accounts; hublaunch's cleanup never touches an admin, prefix or not.
+c.Authenticator.admin_users = {n for n in env.get("HUBLAUNCH_HUB_ADMIN_USERS", "").split(",") if n}
+# hublaunch starts only default servers, but cleanup stops named ones too if anything made them.
+c.JupyterHub.allow_named_servers = True
 
 # -- the hublaunch service and the scopes it needs --------------------------------
 # admin:users - create and delete the temporary users and read their servers' activity;

@@ -57,19 +57,27 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _beat(_args: argparse.Namespace) -> int:
     from worker.celery_app import app
-    from worker.settings import DATA_DIR
 
-    DATA_DIR.mkdir(exist_ok=True)
-    app.start(
-        argv=[
-            "beat",
-            "--loglevel",
-            get_settings().log_level,
-            "--schedule",
-            str(DATA_DIR / "celerybeat-schedule"),
-        ]
-    )
+    settings = get_settings()
+    schedule = settings.beat_schedule_file
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    app.start(argv=["beat", "--loglevel", settings.log_level, "--schedule", str(schedule)])
     return 0
+
+
+def _cull(args: argparse.Namespace) -> int:
+    from worker.context import launch_context
+    from worker.cull import cull_pass
+
+    actions = cull_pass(launch_context(), dry_run=args.dry_run)
+    rows = [("CATEGORY", "HUB USER", "LAUNCH", "RESULT")]
+    rows += [(a.category, a.user or "-", a.launch_id or "-", a.result) for a in actions]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        padded = (cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        print("  ".join([*padded, row[3]]))
+    print(f"{len(actions)} action(s){' (dry run: nothing changed)' if args.dry_run else ''}")
+    return 1 if any(a.result.startswith("error") for a in actions) else 0
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
     worker.set_defaults(func=_worker)
     sub.add_parser("beat", help="run the Celery beat scheduler").set_defaults(func=_beat)
+    cull = sub.add_parser("cull", help="run one cleanup pass now and print what it did")
+    cull.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    cull.set_defaults(func=_cull)
     dev = sub.add_parser("dev", help="run the whole local stack")
     dev.add_argument("--port", type=int, default=8000)
     dev.add_argument("--spawner", default="local", choices=["local", "fake"])

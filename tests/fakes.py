@@ -49,8 +49,18 @@ class FakeHub:
         user = self.users.get(name)
         if user is None:
             return None
+        for s, state in list(user["servers"].items()):
+            if state == "stopping" and not self.stop_pending_rounds:
+                del user["servers"][s]
+        if self.stop_pending_rounds:
+            self.stop_pending_rounds -= 1
         servers = {
-            s: ServerState(ready=state == "ready", pending=None, url=None, last_activity=None)
+            s: ServerState(
+                ready=state == "ready",
+                pending="stop" if state == "stopping" else None,
+                url=None,
+                last_activity=None,
+            )
             for s, state in user["servers"].items()
         }
         return HubUser(name=name, admin=False, servers=servers, last_activity=None)
@@ -85,8 +95,11 @@ class FakeHub:
 
     def stop_server(self, name: str, server_name: str = "") -> bool:
         self._call("stop_server", name)
-        if self.stop_pending_rounds:
-            self.stop_pending_rounds -= 1
+        if (
+            self.stop_pending_rounds
+            and server_name in self.users.get(name, {"servers": {}})["servers"]
+        ):
+            self.users[name]["servers"][server_name] = "stopping"
             return False
         self.users.get(name, {"servers": {}})["servers"].pop(server_name, None)
         return True

@@ -8,6 +8,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from worker.db import dispose_all
+from worker.enqueue import CULL_TASK
 from worker.settings import Settings, get_settings
 
 
@@ -32,6 +33,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": max(3600, 2 * longest_task)},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            # Sessions must end when they expire or go idle, and whatever a crash, a lost
+            # message or a dead Hub left behind must be reconciled; one pass does all of it.
+            # Passes that overlap (a slow pass, two beats) are safe: rows are claimed first.
+            "cleanup-pass": {
+                "task": CULL_TASK,
+                "schedule": settings.cull_interval,
+                # A pass that waited past the next one is pointless: drop it.
+                "options": {"expires": settings.cull_interval},
+            }
+        },
         "include": ["worker.tasks"],
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 LAUNCH_TASK = "hublaunch.launch"
 TEARDOWN_TASK = "hublaunch.teardown"
+CULL_TASK = "hublaunch.cull"
 
 
 class QueueUnavailable(Exception):

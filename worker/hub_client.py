@@ -88,6 +88,7 @@ class HubUser:
     admin: bool
     servers: dict[str, ServerState]
     last_activity: datetime | None
+    created: datetime | None = None
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -111,6 +112,7 @@ def _parse_user(model: dict[str, Any]) -> HubUser:
         admin=bool(model.get("admin")),
         servers=servers,
         last_activity=_parse_time(model.get("last_activity")),
+        created=_parse_time(model.get("created")),
     )
 
 
@@ -204,15 +206,18 @@ class HubClient:
             return False
         return True
 
-    def iter_users(self, *, page_size: int = 200) -> Iterator[HubUser]:
-        """All users, read in pages (without the pagination media type the Hub stops at 200)."""
+    def iter_users(self, *, name_filter: str = "", page_size: int = 200) -> Iterator[HubUser]:
+        """All users (whose name contains ``name_filter``), read in pages.
+
+        Without the pagination media type the Hub silently stops at its page limit (200).
+        """
         offset = 0
         while True:
+            params: dict[str, str | int] = {"offset": offset, "limit": page_size}
+            if name_filter:
+                params["name_filter"] = name_filter
             response = self._request(
-                "GET",
-                "users",
-                params={"offset": offset, "limit": page_size, "include_stopped_servers": "1"},
-                headers={"Accept": PAGINATION_MEDIA_TYPE},
+                "GET", "users", params=params, headers={"Accept": PAGINATION_MEDIA_TYPE}
             )
             body = response.json()
             for item in body["items"]:
@@ -300,6 +305,15 @@ class HubClient:
             json={"scopes": scopes, "expires_in": expires_in, "note": note},
         )
         return str(response.json()["token"])
+
+    def record_activity(self, name: str, when: datetime, server: str = "") -> None:
+        """Report activity for a user's server (what a running server does by itself)."""
+        stamp = when.isoformat().replace("+00:00", "Z")
+        self._request(
+            "POST",
+            f"users/{quote(name)}/activity",
+            json={"last_activity": stamp, "servers": {server: {"last_activity": stamp}}},
+        )
 
     def ping(self) -> None:
         """Raise HubError unless the Hub API answers and accepts our token."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +33,11 @@ from worker.models import EndReason, Launch, Phase, Status
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# How often a removal re-reads a server that the Hub is still stopping.
+STOP_POLL_SECONDS = 0.25
+# How long one teardown waits for servers to stop before handing over to a later attempt.
+STOP_WAIT_SECONDS = 20.0
 
 # Extra life for the server token beyond the session, so a clock skew never cuts a session short.
 TOKEN_GRACE = 60
@@ -269,7 +275,7 @@ def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome
             return DONE
         name = launch.hub_user
     try:
-        if name is not None and not remove_hub_user(ctx.hub, name):
+        if name is not None and not remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS):
             return Outcome(retry_in=backoff(attempt, cap=10.0))
     except HubUnavailable as e:
         log.warning("teardown of launch %s: %s", launch_id, e.message)
@@ -289,22 +295,33 @@ def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome
     return DONE
 
 
-def remove_hub_user(hub: HubClient, name: str) -> bool:
-    """Stop all servers, then delete the user. False while a server is still stopping."""
+def remove_hub_user(hub: HubClient, name: str, *, wait: float = 0.0) -> bool:
+    """Stop every server of the user (named ones too), then delete the user.
+
+    Returns False while a server is still stopping after ``wait`` seconds: the Hub answers a
+    slow stop with 202 and refuses to delete a user whose server is stopping, so the caller
+    tries again later. A user that is already gone counts as removed.
+    """
+    deadline = time.monotonic() + wait
     user = hub.get_user(name)
     if user is None:
         return True
-    stopped = all(hub.stop_server(name, server) for server in user.servers)
-    if not stopped:
-        return False
-    try:
-        hub.delete_user(name)
-    except HubRequestError as e:
-        # "in the process of stopping, please wait": finished on the next attempt.
-        if e.status == 400:
+    pending = [server for server in user.servers if not hub.stop_server(name, server)]
+    while True:
+        if not pending:
+            try:
+                hub.delete_user(name)
+                return True
+            except HubRequestError as e:
+                if e.status != 400:  # 400: "in the process of stopping, please wait"
+                    raise
+        if time.monotonic() >= deadline:
             return False
-        raise
-    return True
+        time.sleep(STOP_POLL_SECONDS)
+        user = hub.get_user(name)
+        if user is None:
+            return True
+        pending = [server for server, state in user.servers.items() if state.pending == "stop"]
 
 
 def _timeout_message(ctx: LaunchContext, problem: str | None) -> str:

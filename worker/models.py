@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -91,6 +92,20 @@ class Launch(Base):
     end_requested_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # When the Hub user was confirmed gone (or never existed); NULL means cleanup is owed.
     user_removed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # A cleanup pass holds the row until then, so overlapping passes never act on it twice.
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # Rows whose Hub user may still exist: everything live plus owed removals. Every query
+        # of a cleanup pass starts here, so its cost follows live sessions, not history.
+        Index(
+            "ix_launches_active",
+            "status",
+            "expires_at",
+            postgresql_where=text("user_removed_at IS NULL"),
+            sqlite_where=text("user_removed_at IS NULL"),
+        ),
+    )
 
     @property
     def is_terminal(self) -> bool:

@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     secret_key_file: Path = DATA_DIR / "secret.key"
     # Seconds one Hub request may take; transient failures are retried by the task with backoff.
     hub_request_timeout: float = Field(10.0, gt=0)
+    # Cleanup: one pass every cull_interval s (beat). Ready sessions idle longer than
+    # idle_timeout s end; prefixed Hub users with no live launch are deleted once older than
+    # orphan_grace s; launches silent for redispatch_after s are sent to the queue again.
+    cull_interval: float = Field(60.0, gt=0)
+    idle_timeout: int = Field(600, gt=0)
+    cull_concurrency: int = Field(16, gt=0, le=256)
+    orphan_grace: int = Field(300, ge=0)
+    redispatch_after: int = Field(120, gt=0)
+    beat_schedule_file: Path = DATA_DIR / "celerybeat-schedule"
     # Celery queue for launches; tests use a fresh name per run so stale workers cannot steal.
     queue: str = "launches"
     log_level: str = "INFO"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker import cull as cleanup
 from worker import launcher
 from worker.celery_app import app
 from worker.context import launch_context
-from worker.enqueue import LAUNCH_TASK, TEARDOWN_TASK, send_teardown
+from worker.enqueue import CULL_TASK, LAUNCH_TASK, TEARDOWN_TASK, send_teardown
 
 
 # The launch is retried by the domain's own backoff until its deadline, so no retry cap here.
@@ -26,3 +27,9 @@ def teardown(self: Any, launch_id: str) -> None:
     outcome = launcher.teardown(launch_context(), launch_id, attempt=self.request.retries)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
+
+
+# A lost pass is simply done again by the next one, so the message need not outlive a crash.
+@app.task(name=CULL_TASK, acks_late=False, soft_time_limit=600, time_limit=660)
+def cull() -> int:
+    return len(cleanup.cull_pass(launch_context()))

@@ -73,13 +73,15 @@ def start_stack(
     **options: Any,
 ) -> Stack:
     data_dir = tmp_path_factory.mktemp(f"stack-{label}")
+    options.setdefault("beat", False)
+    # An operator's admin account with the prefix: cleanup must never touch it.
+    options["env"] = {"HUBLAUNCH_HUB_ADMIN_USERS": "hl-admin", **options.get("env", {})}
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
             database_url=database_url,
             broker_url=broker_url,
             queue=f"test-{RUN_ID}-{label}",
-            beat=False,
             **options,
         )
     )

@@ -1,0 +1,379 @@
+"""One cleanup pass: end expired and idle sessions, fail or re-send stuck launches, delete
+orphaned Hub users, mark ghosts, and finish removals that earlier attempts left undone.
+
+The database, not the queue, is the source of truth. Overlapping passes (two beat processes,
+a pass slower than the interval, a manual ``hublaunch cull``) are safe: a row is claimed with a
+conditional UPDATE before anything is done to it, so only one pass acts on it, and a removal
+that races another one is a no-op. Hub work for different users runs in a bounded thread pool
+and one user's failure is recorded, never allowed to stop the pass.
+
+Only Hub users whose name starts with the configured prefix are ever touched, never an admin,
+and never one whose launch is still live.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, Row, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from worker.db import as_utc, session_scope
+from worker.enqueue import send_launch
+from worker.hub_client import HubError, HubUser
+from worker.launcher import (
+    DONE,
+    STOP_WAIT_SECONDS,
+    LaunchContext,
+    remove_hub_user,
+    teardown,
+)
+from worker.launches import get_launch, record_event
+from worker.models import EndReason, Launch, Phase, Status
+
+log = logging.getLogger(__name__)
+
+STARTING = (Status.queued, Status.building, Status.launching)
+# A row claimed by a pass is left alone by other passes for this long (a pass that dies
+# releases nothing; the lease lets the next pass take over).
+LEASE = timedelta(minutes=5)
+# Removals that a launch task or teardown task may still be doing are left to them this long.
+REMOVAL_GRACE = timedelta(seconds=30)
+CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a pass did (or, in a dry run, would do)."""
+
+    category: str  # expired, idle, stuck, lost, removal, orphan, ghost
+    user: str | None
+    launch_id: str | None
+    result: str
+
+
+def cull_pass(
+    ctx: LaunchContext,
+    *,
+    dry_run: bool = False,
+    resend: Callable[[str], None] = send_launch,
+) -> list[Action]:
+    """Run one pass now (``ctx.clock()`` is "now", so tests move time instead of sleeping)."""
+    now = ctx.clock()
+    settings = ctx.settings
+    hub_users = _list_hub_users(ctx)
+    listed_at = now
+    actions: list[Action] = []
+    claimed: list[tuple[str, str | None, str]] = []  # (category, user, launch id)
+
+    with session_scope(settings.database_url) as db:
+        for launch_id, user in _stuck(ctx, db, now, dry_run):
+            claimed.append(("stuck", user, launch_id))
+        for launch_id, user in _end(db, now, EndReason.expired, _expired(now), dry_run):
+            claimed.append(("expired", user, launch_id))
+        if hub_users is not None:
+            idle = _idle_names(ctx, hub_users, now)
+            for names in _chunks(idle):
+                condition = Launch.hub_user.in_(names)
+                for launch_id, user in _end(db, now, EndReason.idle, condition, dry_run):
+                    claimed.append(("idle", user, launch_id))
+        for launch_id, user in _owed_removals(db, now, dry_run):
+            claimed.append(("removal", user, launch_id))
+        lost = _lost(ctx, db, now, dry_run)
+        orphans: list[str] = []
+        if hub_users is not None:
+            orphans = _orphans(ctx, db, hub_users, now)
+            actions += _ghosts(db, hub_users, listed_at, now, dry_run)
+
+    for launch_id, user in lost:
+        actions.append(
+            Action(
+                "lost", user, launch_id, "would re-send" if dry_run else _resend(resend, launch_id)
+            )
+        )
+    if dry_run:
+        actions += [Action(c, u, i, f"would {_verb(c)}") for c, u, i in claimed]
+        actions += [Action("orphan", name, None, "would delete") for name in orphans]
+        return actions
+
+    with ThreadPoolExecutor(settings.cull_concurrency, thread_name_prefix="cull") as pool:
+        removals = pool.map(lambda item: _remove_launch_user(ctx, *item), claimed)
+        deletions = pool.map(lambda name: _remove_orphan(ctx, name), orphans)
+        actions += list(removals) + list(deletions)
+    _release([launch_id for _, _, launch_id in claimed], settings.database_url)
+    for action in actions:
+        log.info(
+            "cull: %s %s %s: %s", action.category, action.user, action.launch_id, action.result
+        )
+    return actions
+
+
+def _verb(category: str) -> str:
+    return {"stuck": "fail and remove", "removal": "remove"}.get(category, "end")
+
+
+# -- reading the Hub -------------------------------------------------------------
+
+
+def _list_hub_users(ctx: LaunchContext) -> dict[str, HubUser] | None:
+    prefix = ctx.settings.user_prefix
+    try:
+        return {
+            user.name: user
+            for user in ctx.hub.iter_users(name_filter=prefix)
+            if user.name.startswith(prefix)
+        }
+    except HubError as e:
+        # Without the listing, idle, orphan and ghost checks wait for the next pass.
+        log.warning("cull: cannot list Hub users: %s", e.message)
+        return None
+
+
+def _idle_names(ctx: LaunchContext, users: dict[str, HubUser], now: datetime) -> list[str]:
+    cutoff = now - timedelta(seconds=ctx.settings.idle_timeout)
+    idle = []
+    for user in users.values():
+        server = user.servers.get("")
+        if server is None or not server.ready:
+            continue
+        active = server.last_activity or user.last_activity or user.created
+        if active is not None and as_utc(active) < cutoff:
+            idle.append(user.name)
+    return idle
+
+
+# -- claims (conditional UPDATEs; only one pass wins a row) ------------------------
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return or_(Launch.lease_until.is_(None), Launch.lease_until < now)
+
+
+def _active() -> ColumnElement[bool]:
+    return Launch.user_removed_at.is_(None)  # matches the partial index ix_launches_active
+
+
+def _expired(now: datetime) -> ColumnElement[bool]:
+    return and_(Launch.expires_at.is_not(None), Launch.expires_at < now)
+
+
+def _end(
+    db: Session, now: datetime, reason: EndReason, condition: ColumnElement[bool], dry_run: bool
+) -> list[tuple[str, str | None]]:
+    """Claim ready sessions matching ``condition`` and record why they end."""
+    where = and_(
+        _active(),
+        Launch.status == Status.ready,
+        Launch.end_requested_at.is_(None),
+        _lease_free(now),
+        condition,
+    )
+    if dry_run:
+        return [
+            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
+        ]
+    rows = db.execute(
+        update(Launch)
+        .where(where)
+        .values(end_requested_at=now, end_reason=reason, updated_at=now, lease_until=now + LEASE)
+        .returning(Launch.id, Launch.hub_user)
+    ).all()
+    return [(r.id, r.hub_user) for r in rows]
+
+
+def _stuck(
+    ctx: LaunchContext, db: Session, now: datetime, dry_run: bool
+) -> list[tuple[str, str | None]]:
+    """Launches still starting past the launch timeout: failed, their user removed."""
+    timeout = ctx.settings.launch_timeout
+    where = and_(
+        _active(),
+        Launch.status.in_(STARTING),
+        Launch.created_at < now - timedelta(seconds=timeout),
+        _lease_free(now),
+    )
+    if dry_run:
+        return [
+            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
+        ]
+    error = f"The server did not start within {timeout} s. Try again in a few minutes."
+    rows = db.execute(
+        update(Launch)
+        .where(where)
+        .values(
+            status=Status.failed,
+            error=error,
+            end_reason=EndReason.failed,
+            ended_at=now,
+            updated_at=now,
+            token_ciphertext=None,
+            lease_until=now + LEASE,
+        )
+        .returning(Launch.id, Launch.hub_user)
+    ).all()
+    for row in rows:
+        launch = get_launch(db, row.id)
+        assert launch is not None
+        record_event(db, launch, Phase.failed, error, now=now)
+    return [(r.id, r.hub_user) for r in rows]
+
+
+def _owed_removals(db: Session, now: datetime, dry_run: bool) -> list[tuple[str, str | None]]:
+    """Ended or failed launches whose Hub user was never confirmed gone (a lost teardown
+    message, a Hub that was down, a server that was still stopping last pass)."""
+    where = and_(
+        _active(),
+        or_(
+            Launch.status.in_((Status.failed, Status.ended)),
+            and_(Launch.status == Status.ready, Launch.end_requested_at.is_not(None)),
+        ),
+        Launch.updated_at < now - REMOVAL_GRACE,
+        _lease_free(now),
+    )
+    if dry_run:
+        return [
+            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
+        ]
+    rows = db.execute(
+        update(Launch)
+        .where(where)
+        .values(lease_until=now + LEASE)
+        .returning(Launch.id, Launch.hub_user)
+    ).all()
+    return [(r.id, r.hub_user) for r in rows]
+
+
+def _lost(
+    ctx: LaunchContext, db: Session, now: datetime, dry_run: bool
+) -> list[tuple[str, str | None]]:
+    """Launches that made no progress for a while: their message may be lost (a crash between
+    commit and send, or a worker killed before the broker re-delivers). Re-sending is safe:
+    every step is idempotent."""
+    settings = ctx.settings
+    quiet_since = now - timedelta(seconds=settings.redispatch_after)
+    where = and_(
+        _active(),
+        Launch.status.in_(STARTING),
+        Launch.updated_at < quiet_since,
+        Launch.created_at >= now - timedelta(seconds=settings.launch_timeout),
+    )
+    if dry_run:
+        return [
+            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
+        ]
+    rows = db.execute(
+        update(Launch).where(where).values(updated_at=now).returning(Launch.id, Launch.hub_user)
+    ).all()
+    return [(r.id, r.hub_user) for r in rows]
+
+
+def _orphans(
+    ctx: LaunchContext, db: Session, users: dict[str, HubUser], now: datetime
+) -> list[str]:
+    """Prefixed, non-admin Hub users older than the grace period with no launch that owns them."""
+    grace_cutoff = now - timedelta(seconds=ctx.settings.orphan_grace)
+    candidates = [
+        user.name
+        for user in users.values()
+        if not user.admin and user.created is not None and as_utc(user.created) < grace_cutoff
+    ]
+    owned: set[str] = set()
+    for names in _chunks(candidates):
+        owned.update(
+            name
+            for name in db.scalars(
+                select(Launch.hub_user).where(_active(), Launch.hub_user.in_(names))
+            )
+            if name is not None
+        )
+    return [name for name in candidates if name not in owned]
+
+
+def _ghosts(
+    db: Session, users: dict[str, HubUser], listed_at: datetime, now: datetime, dry_run: bool
+) -> list[Action]:
+    """Ready sessions whose Hub user is gone (deleted by hand, lost with the Hub's database)."""
+    ready = db.execute(
+        select(Launch.id, Launch.hub_user).where(
+            _active(),
+            Launch.status == Status.ready,
+            Launch.end_requested_at.is_(None),
+            Launch.ready_at < listed_at,  # a session that became ready after the listing is fine
+        )
+    ).all()
+    gone = [r.id for r in ready if r.hub_user not in users]
+    if dry_run:
+        return [
+            Action("ghost", r.hub_user, r.id, "would mark ended") for r in ready if r.id in gone
+        ]
+    marked: list[Row[str, str | None]] = []
+    for ids in _chunks(gone):
+        marked += db.execute(
+            update(Launch)
+            .where(Launch.id.in_(ids), Launch.status == Status.ready, _active())
+            .values(
+                status=Status.ended,
+                end_reason=EndReason.gone,
+                ended_at=now,
+                updated_at=now,
+                user_removed_at=now,
+                token_ciphertext=None,
+            )
+            .returning(Launch.id, Launch.hub_user)
+        ).all()
+    return [Action("ghost", r.hub_user, r.id, "marked ended") for r in marked]
+
+
+# -- Hub work, one user per thread --------------------------------------------------
+
+
+def _remove_launch_user(
+    ctx: LaunchContext, category: str, user: str | None, launch_id: str
+) -> Action:
+    try:
+        outcome = teardown(ctx, launch_id)
+    except Exception as e:  # isolate: one broken user never stops the pass
+        log.exception("cull: removing %s (launch %s) failed", user, launch_id)
+        return Action(category, user, launch_id, f"error: {type(e).__name__}")
+    if outcome != DONE:
+        return Action(category, user, launch_id, "stopping; finished by a later pass")
+    return Action(category, user, launch_id, "ended" if category != "stuck" else "failed")
+
+
+def _remove_orphan(ctx: LaunchContext, name: str) -> Action:
+    try:
+        removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS)
+    except Exception as e:
+        log.exception("cull: removing orphan %s failed", name)
+        return Action("orphan", name, None, f"error: {type(e).__name__}")
+    return Action("orphan", name, None, "deleted" if removed else "stopping; next pass")
+
+
+def _resend(resend: Callable[[str], None], launch_id: str) -> str:
+    try:
+        resend(launch_id)
+    except Exception as e:
+        log.warning("cull: re-sending launch %s failed: %s", launch_id, e)
+        return f"error: {type(e).__name__}"
+    return "re-sent"
+
+
+def _release(launch_ids: Sequence[str], database_url: str) -> None:
+    with session_scope(database_url) as db:
+        for ids in _chunks(launch_ids):
+            db.execute(update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
+
+
+def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

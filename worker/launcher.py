@@ -170,7 +170,9 @@ def _progress(ctx: LaunchContext, launch_id: str, message: str) -> None:
     with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         if launch is not None and not launch.is_terminal:
-            record_event(db, launch, Phase.launching, message, now=ctx.clock())
+            now = ctx.clock()
+            record_event(db, launch, Phase.launching, message, now=now)
+            launch.updated_at = now  # progress: the cleanup pass will not think it lost
     ctx.notify(launch_id)
 
 

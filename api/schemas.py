@@ -27,7 +27,9 @@ class LaunchRequest(BaseModel):
     image: str | None = Field(
         None, description="A ready image, `name[:tag]`, e.g. `default`.", examples=["default"]
     )
-    repo: str | None = Field(None, description="A git repository URL or `gh:owner/repo`.")
+    repo: str | None = Field(
+        None, description="A git repository URL, or `gh:owner/repo` / `gl:owner/repo`."
+    )
     ref: str | None = Field(None, description="Branch, tag or commit of `repo` (default HEAD).")
     lifetime: int | None = Field(
         None, gt=0, description="Seconds the session may live; at most the service's maximum."

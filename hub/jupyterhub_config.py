@@ -63,6 +63,9 @@ c.Spawner.http_timeout = 60
 # links with a token scoped to one temporary user's server that expires with the session.
 c.Spawner.environment = {"JUPYTERHUB_ALLOW_TOKEN_IN_URL": "1"}
 c.Spawner.default_url = "/lab"
+c.ImageChoice.environments_dir = str(
+    Path(env.get("HUBLAUNCH_ENVS_DIR", ".hublaunch/envs")).resolve()
+)
 c.EnvironmentSpawner.home_dir_template = str(data_dir / "homes" / "{username}")
 if os.geteuid() == 0:
     c.Spawner.args = ["--allow-root"]

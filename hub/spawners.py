@@ -9,6 +9,7 @@ a message the launch passes on to the user.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from typing import Any
@@ -18,6 +19,8 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from traitlets import Dict, Float, Unicode
 from traitlets.config import LoggingConfigurable
+
+BUILT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,200}$")
 
 
 class UnknownImage(web.HTTPError):
@@ -40,12 +43,21 @@ class ImageChoice(LoggingConfigurable):
 
     image = Unicode("default", help="Set per launch from user_options['image'].").tag(config=True)
 
+    environments_dir = Unicode(
+        "", help="Folder of environments built by hublaunch's venv builder, one per name."
+    ).tag(config=True)
+
     def chosen_environment(self) -> str:
         image = self.image or "default"
         name = image.split(":", 1)[0] if image.count(":") == 1 else image
         for candidate in (image, name):
             if candidate in self.environments:
                 return str(self.environments[candidate])
+        # Only names hublaunch built (a finished environment has the marker file).
+        if self.environments_dir and BUILT_NAME.match(image):
+            path = os.path.join(self.environments_dir, image)
+            if os.path.isfile(os.path.join(path, ".hublaunch-env")):
+                return path
         raise UnknownImage(image, list(self.environments))
 
 
@@ -68,7 +80,16 @@ class EnvironmentSpawner(ImageChoice, LocalProcessSpawner):  # type: ignore[misc
 
     async def start(self) -> Any:
         prefix = self.chosen_environment()
-        self.cmd = [os.path.join(prefix, "bin", "jupyterhub-singleuser")]
+        # A built environment is layered on this one: it finds the Jupyter server's modules
+        # through a .pth file, and its data and config (JupyterLab's assets) here.
+        self.cmd = [os.path.join(prefix, "bin", "python"), "-m", "jupyterhub.singleuser"]
+        self.environment.update(
+            {
+                "JUPYTER_PATH": os.path.join(sys.prefix, "share", "jupyter"),
+                "JUPYTER_CONFIG_PATH": os.path.join(sys.prefix, "etc", "jupyter"),
+                "JUPYTERLAB_DIR": os.path.join(sys.prefix, "share", "jupyter", "lab"),
+            }
+        )
         self.notebook_dir = self.home_dir_template.format(username=self.user.name)
         return await super().start()
 

@@ -45,7 +45,7 @@ def _worker(args: argparse.Namespace) -> int:
         "--concurrency",
         str(args.concurrency),
         "--queues",
-        settings.queue,
+        args.queues or f"{settings.queue},{settings.build_queue}",
         "--loglevel",
         settings.log_level,
         "--without-gossip",
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--concurrency", type=int, default=16)
     worker.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
+    worker.add_argument(
+        "--queues", default="", help="comma-separated; default: the launch and build queues"
+    )
     worker.set_defaults(func=_worker)
     sub.add_parser("beat", help="run the Celery beat scheduler").set_defaults(func=_beat)
     cull = sub.add_parser("cull", help="run one cleanup pass now and print what it did")

@@ -101,6 +101,7 @@ class Stack:
                 "HUBLAUNCH_PUBLIC_URL": self.public_url,
                 "HUBLAUNCH_SECRET_KEY_FILE": str(c.data_dir / "secret.key"),
                 "HUBLAUNCH_BEAT_SCHEDULE_FILE": str(c.data_dir / "celerybeat-schedule"),
+                "HUBLAUNCH_ENVS_DIR": str(c.data_dir / "envs"),
                 "HUBLAUNCH_QUEUE": c.queue,
                 "HUBLAUNCH_HUB_DATA_DIR": str(c.data_dir / "hub"),
                 "HUBLAUNCH_HUB_SPAWNER": c.spawner,

@@ -8,7 +8,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from worker.db import dispose_all
-from worker.enqueue import CULL_TASK
+from worker.enqueue import BUILD_TASK, CULL_TASK
 from worker.settings import Settings, get_settings
 
 
@@ -33,6 +33,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": max(3600, 2 * longest_task)},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
+        "task_routes": {BUILD_TASK: {"queue": settings.build_queue}},
         "beat_schedule": {
             # Sessions must end when they expire or go idle, and whatever a crash, a lost
             # message or a dead Hub left behind must be reconciled; one pass does all of it.

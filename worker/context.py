@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 
+from worker.builders import make_builder
 from worker.crypto import cipher
 from worker.hub_client import HubClient
 from worker.launcher import LaunchContext
@@ -24,7 +25,11 @@ def _context(pid: int) -> LaunchContext:
         timeout=settings.hub_request_timeout,
     )
     return LaunchContext(
-        settings=settings, hub=hub, cipher=cipher(settings), notify=Notifier(settings).publish
+        settings=settings,
+        hub=hub,
+        cipher=cipher(settings),
+        notify=Notifier(settings).publish,
+        builder=make_builder(settings),
     )
 
 

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Row, and_, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, or_, select
 from sqlalchemy.orm import Session
 
-from worker.db import as_utc, session_scope
+from worker.db import as_utc, bulk_update, session_scope
 from worker.enqueue import send_launch
 from worker.hub_client import HubError, HubUser
 from worker.launcher import (
@@ -177,7 +177,7 @@ def _end(
             (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
         ]
     rows = db.execute(
-        update(Launch)
+        bulk_update(Launch)
         .where(where)
         .values(end_requested_at=now, end_reason=reason, updated_at=now, lease_until=now + LEASE)
         .returning(Launch.id, Launch.hub_user)
@@ -193,7 +193,12 @@ def _stuck(
     where = and_(
         _active(),
         Launch.status.in_(STARTING),
-        Launch.created_at < now - timedelta(seconds=timeout),
+        or_(
+            Launch.deadline_at < now,
+            and_(
+                Launch.deadline_at.is_(None), Launch.created_at < now - timedelta(seconds=timeout)
+            ),
+        ),
         _lease_free(now),
     )
     if dry_run:
@@ -202,7 +207,7 @@ def _stuck(
         ]
     error = f"The server did not start within {timeout} s. Try again in a few minutes."
     rows = db.execute(
-        update(Launch)
+        bulk_update(Launch)
         .where(where)
         .values(
             status=Status.failed,
@@ -239,7 +244,7 @@ def _owed_removals(db: Session, now: datetime, dry_run: bool) -> list[tuple[str,
             (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
         ]
     rows = db.execute(
-        update(Launch)
+        bulk_update(Launch)
         .where(where)
         .values(lease_until=now + LEASE)
         .returning(Launch.id, Launch.hub_user)
@@ -259,14 +264,17 @@ def _lost(
         _active(),
         Launch.status.in_(STARTING),
         Launch.updated_at < quiet_since,
-        Launch.created_at >= now - timedelta(seconds=settings.launch_timeout),
+        or_(Launch.deadline_at >= now, Launch.deadline_at.is_(None)),
     )
     if dry_run:
         return [
             (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
         ]
     rows = db.execute(
-        update(Launch).where(where).values(updated_at=now).returning(Launch.id, Launch.hub_user)
+        bulk_update(Launch)
+        .where(where)
+        .values(updated_at=now)
+        .returning(Launch.id, Launch.hub_user)
     ).all()
     return [(r.id, r.hub_user) for r in rows]
 
@@ -313,7 +321,7 @@ def _ghosts(
     marked: list[Row[str, str | None]] = []
     for ids in _chunks(gone):
         marked += db.execute(
-            update(Launch)
+            bulk_update(Launch)
             .where(Launch.id.in_(ids), Launch.status == Status.ready, _active())
             .values(
                 status=Status.ended,
@@ -365,7 +373,7 @@ def _resend(resend: Callable[[str], None], launch_id: str) -> str:
 def _release(launch_ids: Sequence[str], database_url: str) -> None:
     with session_scope(database_url) as db:
         for ids in _chunks(launch_ids):
-            db.execute(update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
+            db.execute(bulk_update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Update, create_engine, event, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -75,3 +75,9 @@ def dispose_all() -> None:
         if key[0] == os.getpid():
             factory.kw["bind"].dispose()
         del _factories[key]
+
+
+def bulk_update(model: type[Any]) -> Update:
+    """UPDATE without syncing objects in the session: callers re-read what they need, and the
+    in-Python evaluation would compare SQLite's naive datetimes with aware ones."""
+    return update(model).execution_options(synchronize_session=False)

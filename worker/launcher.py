@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography.fernet import Fernet
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from worker.db import as_utc, session_scope, utcnow
+from worker import builds, repos
+from worker.builders import Builder, environment_name
+from worker.db import as_utc, bulk_update, session_scope, utcnow
 from worker.hub_client import HubClient, HubRequestError, HubUnavailable
 from worker.launches import (
     describe_spec,
@@ -29,7 +30,8 @@ from worker.launches import (
     new_hub_user_name,
     record_event,
 )
-from worker.models import EndReason, Launch, Phase, Status
+from worker.models import Build, EndReason, Launch, Phase, Status
+from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,12 @@ class LaunchContext:
     cipher: Fernet
     notify: Callable[[str], None] = lambda _launch_id: None
     clock: Callable[[], datetime] = field(default=utcnow)
+    builder: Builder | None = None
+    resolve: Callable[[RepoSpec, Settings], str] = repos.resolve
 
     def deadline(self, launch: Launch) -> datetime:
+        if launch.deadline_at is not None:
+            return as_utc(launch.deadline_at)
         return as_utc(launch.created_at) + timedelta(seconds=self.settings.launch_timeout)
 
 
@@ -64,6 +70,8 @@ class Outcome:
 
     retry_in: float | None = None
     teardown_in: float | None = None
+    # An environment build this launch claimed: the task sends it (after the commit).
+    send_build: str | None = None
 
 
 DONE = Outcome()
@@ -77,6 +85,10 @@ def backoff(attempt: int, *, retry_after: float | None = None, cap: float = 30.0
 
 class LaunchTimedOut(Exception):
     """The launch passed its deadline before its next step."""
+
+
+class BuildRefused(Exception):
+    """The environment this launch needs failed to build; the message carries the log tail."""
 
 
 def advance(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
@@ -109,6 +121,10 @@ def advance(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
     except HubRequestError as e:
         log.warning("launch %s failed: %s", launch_id, e.message)
         return _fail(ctx, launch_id, _user_message(e))
+    except BuildRefused as e:
+        return _fail(ctx, launch_id, str(e))
+    except (ResolveError, SpecError) as e:
+        return _fail(ctx, launch_id, f"The repository could not be resolved: {e}")
     except Exception:
         log.exception("launch %s: unexpected error", launch_id)
         return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")
@@ -123,8 +139,7 @@ def _last_problem(ctx: LaunchContext, launch_id: str) -> str | None:
 
 
 def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
-    settings = ctx.settings
-    with session_scope(settings.database_url) as db:
+    with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         if launch is None or launch.is_terminal or launch.status == Status.ready:
             return DONE
@@ -132,27 +147,19 @@ def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
             return _end_now(ctx, db, launch)
         if ctx.clock() >= ctx.deadline(launch):
             raise LaunchTimedOut
-        if launch.hub_user is None:
-            now = ctx.clock()
-            # Conditional on no name yet: a concurrent duplicate run cannot pick a second one.
-            chosen = db.execute(  # type: ignore[attr-defined]  # CursorResult.rowcount
-                update(Launch)
-                .where(Launch.id == launch_id, Launch.hub_user.is_(None))
-                .values(
-                    hub_user=new_hub_user_name(settings.user_prefix),
-                    status=Status.launching,
-                    updated_at=now,
-                )
-            ).rowcount
-            db.refresh(launch)
-            if chosen:
-                record_event(
-                    db, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now
-                )
-                record_event(db, launch, Phase.launching, "Launching server...", now=now)
-        name = launch.hub_user
-        assert name is not None  # chosen just above, by this run or a concurrent one
-        image = launch.spec["image"]
+        repo = launch.spec.get("repo")
+    if repo is not None:
+        image_or_wait = _environment(ctx, launch_id)
+        if isinstance(image_or_wait, Outcome):
+            return image_or_wait
+        image = image_or_wait
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        if launch is None or launch.is_terminal:
+            return DONE
+        if repo is None:
+            image = launch.spec["image"]
+        name = _choose_user(ctx, db, launch)
         deadline = ctx.deadline(launch)
     ctx.notify(launch_id)
 
@@ -164,6 +171,80 @@ def _advance(ctx: LaunchContext, launch_id: str) -> Outcome:
             name, timeout=max(remaining, 0.1), on_progress=lambda m: _progress(ctx, launch_id, m)
         )
     return _issue_token(ctx, launch_id, name)
+
+
+def _choose_user(ctx: LaunchContext, db: Session, launch: Launch) -> str:
+    """The Hub user name, chosen once: conditional on none yet, so a concurrent duplicate run
+    cannot pick a second one. Moves the launch to ``launching``."""
+    if launch.hub_user is None:
+        now = ctx.clock()
+        chosen = db.execute(  # type: ignore[attr-defined]  # CursorResult.rowcount
+            bulk_update(Launch)
+            .where(Launch.id == launch.id, Launch.hub_user.is_(None))
+            .values(
+                hub_user=new_hub_user_name(ctx.settings.user_prefix),
+                status=Status.launching,
+                updated_at=now,
+                deadline_at=now + timedelta(seconds=ctx.settings.launch_timeout),
+            )
+        ).rowcount
+        db.refresh(launch)
+        if chosen:
+            if "image" in launch.spec:
+                record_event(
+                    db, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now
+                )
+            record_event(db, launch, Phase.launching, "Launching server...", now=now)
+    assert launch.hub_user is not None
+    return launch.hub_user
+
+
+def _environment(ctx: LaunchContext, launch_id: str) -> str | Outcome:
+    """For a repository launch: resolve the ref once, then build the environment once.
+    Returns the image for the spawner, or what to do while the build runs."""
+    builder = ctx.builder
+    assert builder is not None, "repository launches need a builder"
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        commit = launch.commit
+        if commit is None and launch.status == Status.queued:
+            now = ctx.clock()
+            launch.status = Status.building
+            launch.updated_at = now
+            launch.deadline_at = now + timedelta(
+                seconds=ctx.settings.build_timeout + ctx.settings.launch_timeout
+            )
+            record_event(db, launch, Phase.fetching, f"Resolving {describe_spec(launch.spec)}")
+        spec = RepoSpec(launch.spec["repo"], launch.spec.get("ref", "HEAD"))
+    if commit is None:
+        ctx.notify(launch_id)
+        commit = ctx.resolve(spec, ctx.settings)
+        name = environment_name(spec.url, commit, builder.version)
+        with session_scope(ctx.settings.database_url) as db:
+            db.execute(
+                bulk_update(Launch)
+                .where(Launch.id == launch_id, Launch.commit.is_(None))
+                .values(commit=commit, env_name=name, updated_at=ctx.clock())
+            )
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None and launch.env_name is not None
+        if launch.status != Status.building:
+            return builder.image(launch.env_name)  # a duplicate run got past the build
+        decision = builds.decide(db, launch, builder, ctx.clock())
+        if decision == builds.Decision.failed:
+            message = builds.failure_message(db.get(Build, launch.env_name))
+        name = launch.env_name
+    ctx.notify(launch_id)
+    if decision == builds.Decision.failed:
+        raise BuildRefused(message)
+    if decision == builds.Decision.ready:
+        return builder.image(name)
+    return Outcome(
+        retry_in=builds.POLL_SECONDS,
+        send_build=name if decision == builds.Decision.start else None,
+    )
 
 
 def _progress(ctx: LaunchContext, launch_id: str, message: str) -> None:
@@ -192,7 +273,7 @@ def _issue_token(ctx: LaunchContext, launch_id: str, name: str) -> Outcome:
     now = ctx.clock()
     with session_scope(ctx.settings.database_url) as db:
         became_ready = db.execute(  # type: ignore[attr-defined]  # CursorResult.rowcount
-            update(Launch)
+            bulk_update(Launch)
             .where(
                 Launch.id == launch_id,
                 Launch.status == Status.launching,

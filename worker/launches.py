@@ -6,13 +6,13 @@ Domain functions take a database session, add/flush and return; the caller commi
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.db import utcnow
+from worker.db import bulk_update, utcnow
 from worker.models import TERMINAL, Launch, LaunchEvent, Phase, Status
 
 
@@ -48,7 +48,12 @@ def record_event(
 
 
 def create_launch(
-    db: Session, spec: dict[str, Any], *, lifetime: int, now: datetime | None = None
+    db: Session,
+    spec: dict[str, Any],
+    *,
+    lifetime: int,
+    timeout: int = 600,
+    now: datetime | None = None,
 ) -> Launch:
     now = now or utcnow()
     launch = Launch(
@@ -58,6 +63,7 @@ def create_launch(
         lifetime=lifetime,
         created_at=now,
         updated_at=now,
+        deadline_at=now + timedelta(seconds=timeout),
     )
     db.add(launch)
     db.flush()
@@ -66,11 +72,8 @@ def create_launch(
     return launch
 
 
-def get_launch(db: Session, launch_id: str, *, for_update: bool = False) -> Launch | None:
-    stmt = select(Launch).where(Launch.id == launch_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    return db.scalars(stmt).one_or_none()
+def get_launch(db: Session, launch_id: str) -> Launch | None:
+    return db.scalars(select(Launch).where(Launch.id == launch_id)).one_or_none()
 
 
 def events_after(db: Session, launch_id: str, after_id: int = 0) -> list[LaunchEvent]:
@@ -91,7 +94,7 @@ def request_end(db: Session, launch: Launch, *, now: datetime | None = None) -> 
     """
     now = now or utcnow()
     db.execute(
-        update(Launch)
+        bulk_update(Launch)
         .where(Launch.id == launch.id, Launch.end_requested_at.is_(None))
         .values(end_requested_at=now, updated_at=now)
     )

@@ -92,6 +92,11 @@ class Launch(Base):
     end_requested_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # When the Hub user was confirmed gone (or never existed); NULL means cleanup is owed.
     user_removed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Repository launches: the commit the ref resolved to, and the environment built from it.
+    commit: Mapped[str | None] = mapped_column(String(40))
+    env_name: Mapped[str | None] = mapped_column(String(255), index=True)
+    # Until when the launch may still be starting (extended while its environment builds).
+    deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # A cleanup pass holds the row until then, so overlapping passes never act on it twice.
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
 
@@ -125,3 +130,32 @@ class LaunchEvent(Base):
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class BuildStatus(enum.StrEnum):
+    building = "building"
+    built = "built"
+    failed = "failed"
+    evicted = "evicted"
+
+
+class Build(Base):
+    """One environment per (repo, commit, builder version): the row is the build's lock."""
+
+    __tablename__ = "builds"
+
+    # Deterministic name of the environment / image: the dedup and cache key.
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    repo: Mapped[str] = mapped_column(Text)
+    commit: Mapped[str] = mapped_column(String(40))
+    builder: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    # How many times a build was started for this name (1 when deduplication worked).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    log_tail: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Refreshed while the build runs; a stale heartbeat means its worker died.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp)

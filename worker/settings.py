@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DATA_DIR = Path(".hublaunch")
 
@@ -36,6 +37,25 @@ class Settings(BaseSettings):
     orphan_grace: int = Field(300, ge=0)
     redispatch_after: int = Field(120, gt=0)
     beat_schedule_file: Path = DATA_DIR / "celerybeat-schedule"
+    # Repository launches. http:// and file:// URLs and hosts on loopback or private networks are
+    # refused unless allow_local_repos is set (tests, development).
+    allow_local_repos: bool = False
+    # Regular expressions matched against "<url>@<ref>"; a match is refused (comma-separated).
+    banned_specs: Annotated[list[str], NoDecode] = []
+    resolve_timeout: float = Field(30.0, gt=0)
+    # "venv": Python environments on this machine (no Docker); "repo2docker": images + registry.
+    builder: Literal["venv", "repo2docker"] = "venv"
+    build_timeout: int = Field(1800, gt=0)
+    # Builds run on their own queue so launches of built specs never wait behind them.
+    build_queue: str = ""
+    envs_dir: Path = DATA_DIR / "envs"
+    # Bytes the venv builder may use; least recently used environments no session uses go first.
+    envs_disk_budget: int = Field(20 * 2**30, gt=0)
+    clone_size_limit: int = Field(2**30, gt=0)
+    # repo2docker: images are named <image_prefix><environment name> and checked in the registry.
+    image_prefix: str = ""
+    registry_url: str = ""
+    registry_push: bool = False
     # Celery queue for launches; tests use a fresh name per run so stale workers cannot steal.
     queue: str = "launches"
     log_level: str = "INFO"
@@ -46,6 +66,19 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("banned_specs", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _default_build_queue(self) -> Settings:
+        if not self.build_queue:
+            self.build_queue = f"{self.queue}.builds"
+        return self
 
     @field_validator("user_prefix")
     @classmethod

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import DbDep, SettingsDep
 from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
-from worker import launches
+from worker import launches, repos
 from worker.crypto import InvalidToken, cipher
 from worker.db import as_utc, session_scope
 from worker.enqueue import QueueUnavailable, send_launch, send_teardown
@@ -76,18 +76,23 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
 def create_launch(
     body: LaunchRequest, request: Request, response: Response, db: DbDep, settings: SettingsDep
 ) -> LaunchAccepted:
+    spec = body.spec()
     if body.repo is not None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "Launching from a repository is not enabled on this service yet; give 'image'.",
-        )
+        try:
+            repo = repos.normalize(body.repo, body.ref, settings)
+            repos.check_host(repo.url, settings)
+        except repos.SpecBanned as e:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(e)) from e
+        except repos.SpecError as e:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+        spec = repo.as_dict()
     lifetime = body.lifetime or settings.session_max_age
     if lifetime > settings.session_max_age:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"lifetime must be at most {settings.session_max_age} seconds",
         )
-    launch = launches.create_launch(db, body.spec(), lifetime=lifetime)
+    launch = launches.create_launch(db, spec, lifetime=lifetime, timeout=settings.launch_timeout)
     # The task names a committed row, never one that might still roll back.
     db.commit()
     try:

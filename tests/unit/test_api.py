@@ -68,7 +68,18 @@ BAD_BODIES: list[tuple[object, int, str]] = [
     ({"image": "default", "lifetime": 10**9}, 422, "at most 21600"),
     ({"image": "default", "ref": "main"}, 422, "'ref' goes with 'repo'"),
     ({"image": "default", "repo": "https://example.org/x"}, 422, "exactly one"),
-    ({"repo": "https://example.org/x"}, 422, "not enabled"),
+    ({"repo": "http://example.org/x"}, 422, "scheme must be one of: git, https"),
+    ({"repo": "file:///etc"}, 422, "scheme must be one of"),
+    ({"repo": "gh:not-a-pair"}, 422, "'gh:' takes owner/repo"),
+    ({"repo": "-uhttps://x/y"}, 422, "must be a URL"),
+    ({"repo": "https://127.0.0.1/x"}, 422, "not a public address"),
+    ({"repo": "https://10.1.2.3/x"}, 422, "not a public address"),
+    ({"repo": "https://169.254.169.254/latest"}, 422, "not a public address"),
+    ({"repo": "https://[::1]/x"}, 422, "not a public address"),
+    ({"repo": "https://localhost/x"}, 422, "not a public address"),
+    ({"repo": "https://u:p@127.0.0.1/x"}, 422, "credentials"),
+    ({"repo": "https://127.0.0.1/x", "ref": "--upload-pack=touch /tmp/x"}, 422, "ref must"),
+    ({"repo": "gh:o/r", "ref": "a b"}, 422, "ref must"),
     ([1, 2], 422, "JSON object"),
 ]
 
@@ -149,3 +160,12 @@ def test_app_factory_connects_to_nothing() -> None:
             hub_api_url="http://127.0.0.1:1/hub/api",
         )
     )
+
+
+def test_banned_specs_are_403(settings: Settings, sent: list[str]) -> None:
+    banned = settings.model_copy(update={"banned_specs": [r"^https://github\.com/evil/"]})
+    with TestClient(create_app(banned)) as client:
+        response = client.post("/api/launches", json={"repo": "gh:evil/miner", "ref": "main"})
+    assert response.status_code == 403
+    assert response.json()["detail"] == "This repository is not allowed on this service."
+    assert count_rows(settings) == (0, 0) and sent == []

@@ -1,0 +1,217 @@
+"""Build deduplication and repository launches, with an in-memory builder and Hub."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from tests.fakes import FakeHub
+from tests.unit.conftest import Clock
+from worker import builds, launcher
+from worker.builders import BuildFailed, Log
+from worker.db import session_scope
+from worker.launcher import LaunchContext
+from worker.launches import create_launch, get_launch
+from worker.models import Build, LaunchEvent, Status
+from worker.repos import RepoSpec
+
+COMMIT = "c" * 40
+
+
+class FakeBuilder:
+    version = "fake-1"
+
+    def __init__(self) -> None:
+        self.built: dict[str, int] = {}
+        self.calls: list[str] = []
+        self.fail_with: str | None = None
+
+    def exists(self, name: str) -> bool:
+        return name in self.built
+
+    def image(self, name: str) -> str:
+        return "default"  # FakeHub knows only "default"
+
+    def build(self, name: str, repo: str, commit: str, log: Log) -> int:
+        self.calls.append(name)
+        log("Collecting things")
+        if self.fail_with:
+            raise BuildFailed("pip install failed (exit 1)", self.fail_with)
+        self.built[name] = 100
+        return 100
+
+    def remove(self, name: str) -> int:
+        return self.built.pop(name, 0)
+
+    def sizes(self) -> dict[str, int]:
+        return dict(self.built)
+
+
+@pytest.fixture
+def builder(ctx: LaunchContext) -> FakeBuilder:
+    fake = FakeBuilder()
+    ctx.builder = fake
+    ctx.resolve = lambda spec, settings: COMMIT
+    return fake
+
+
+def repo_launch(ctx: LaunchContext, repo: str = "https://example.org/a/b") -> str:
+    with session_scope(ctx.settings.database_url) as db:
+        spec = RepoSpec(repo, "main").as_dict()
+        return create_launch(db, spec, lifetime=600, now=ctx.clock()).id
+
+
+def phases(ctx: LaunchContext, launch_id: str) -> list[str]:
+    with session_scope(ctx.settings.database_url) as db:
+        query = select(LaunchEvent.phase).where(LaunchEvent.launch_id == launch_id)
+        return list(db.scalars(query.order_by(LaunchEvent.id)))
+
+
+def status(ctx: LaunchContext, launch_id: str) -> str:
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        return launch.status
+
+
+def run_build(ctx: LaunchContext, builder: FakeBuilder, name: str) -> list[str]:
+    return builds.run_build(
+        ctx.settings.database_url, builder, name, clock=ctx.clock, notify=ctx.notify
+    )
+
+
+def test_first_launch_builds_then_launches(
+    ctx: LaunchContext, builder: FakeBuilder, hub: FakeHub
+) -> None:
+    launch_id = repo_launch(ctx)
+    outcome = launcher.advance(ctx, launch_id)
+    assert outcome.send_build is not None and outcome.retry_in == builds.POLL_SECONDS
+    assert status(ctx, launch_id) == Status.building
+    assert hub.calls == []  # no Hub user before the environment exists
+
+    assert run_build(ctx, builder, outcome.send_build) == [launch_id]
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert status(ctx, launch_id) == Status.ready
+    assert phases(ctx, launch_id) == [
+        "waiting",
+        "fetching",
+        "building",
+        "building",
+        "built",
+        "launching",
+        "ready",
+    ]
+
+
+def test_concurrent_launches_share_one_build(ctx: LaunchContext, builder: FakeBuilder) -> None:
+    ids = [repo_launch(ctx) for _ in range(5)]
+    outcomes = [launcher.advance(ctx, i) for i in ids]
+    claimed = [o.send_build for o in outcomes if o.send_build]
+    assert len(claimed) == 1  # one claimer, four waiters
+
+    assert sorted(run_build(ctx, builder, claimed[0])) == sorted(ids)
+    assert builder.calls == claimed
+    for launch_id in ids:
+        launcher.advance(ctx, launch_id)
+        assert status(ctx, launch_id) == Status.ready
+
+
+def test_a_built_environment_is_not_built_again(ctx: LaunchContext, builder: FakeBuilder) -> None:
+    first = repo_launch(ctx)
+    name = launcher.advance(ctx, first).send_build
+    assert name is not None
+    run_build(ctx, builder, name)
+    second = repo_launch(ctx)
+
+    assert launcher.advance(ctx, second) == launcher.DONE
+    assert status(ctx, second) == Status.ready
+    assert "building" not in phases(ctx, second)
+    assert builder.calls == [name]
+
+
+def test_a_failed_build_fails_every_waiting_launch_with_its_tail(
+    ctx: LaunchContext, builder: FakeBuilder, hub: FakeHub
+) -> None:
+    builder.fail_with = "ERROR: No matching distribution found for nope==9"
+    ids = [repo_launch(ctx) for _ in range(3)]
+    [name] = [o.send_build for o in [launcher.advance(ctx, i) for i in ids] if o.send_build]
+
+    assert run_build(ctx, builder, name) == []
+
+    for launch_id in ids:
+        with session_scope(ctx.settings.database_url) as db:
+            launch = get_launch(db, launch_id)
+            assert launch is not None
+            assert launch.status == Status.failed
+            assert launch.error is not None
+            assert "No matching distribution found for nope==9" in launch.error
+            assert launch.user_removed_at is not None
+        assert phases(ctx, launch_id)[-1] == "failed"
+    assert hub.calls == []
+
+
+def test_a_build_whose_worker_died_is_claimed_again(
+    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+) -> None:
+    first = repo_launch(ctx)
+    name = launcher.advance(ctx, first).send_build  # claimed, but its worker dies: no heartbeat
+    second = repo_launch(ctx)
+    assert launcher.advance(ctx, second).send_build is None  # fresh heartbeat: wait
+
+    clock.advance(builds.STALE_AFTER.total_seconds() + 1)
+    again = launcher.advance(ctx, second)
+
+    assert again.send_build == name
+    with session_scope(ctx.settings.database_url) as db:
+        build = db.get(Build, name)
+        assert build is not None and build.attempts == 2
+
+
+def test_unresolvable_refs_fail_clearly(ctx: LaunchContext, builder: FakeBuilder) -> None:
+    from worker.repos import ResolveError
+
+    def refuse(spec: RepoSpec, settings: object) -> str:
+        raise ResolveError("https://example.org/a/b has no branch or tag named 'main'")
+
+    ctx.resolve = refuse
+    launch_id = repo_launch(ctx)
+    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None and launch.status == Status.failed
+        assert launch.error == (
+            "The repository could not be resolved: "
+            "https://example.org/a/b has no branch or tag named 'main'"
+        )
+
+
+def test_eviction_keeps_environments_in_use(
+    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+) -> None:
+    names = []
+    for i in range(3):
+        launch_id = repo_launch(ctx, f"https://example.org/a/repo{i}")
+        name = launcher.advance(ctx, launch_id).send_build
+        assert name is not None
+        run_build(ctx, builder, name)
+        names.append(name)
+        clock.advance(10)
+        launcher.advance(ctx, launch_id)
+        if i > 0:  # sessions 1 and 2 are over; session 0 (the oldest build) is still running
+            with session_scope(ctx.settings.database_url) as db:
+                launch = get_launch(db, launch_id)
+                assert launch is not None
+                launch.status, launch.user_removed_at = Status.ended, ctx.clock()
+    evicted = builds.evict(ctx.settings.database_url, builder, budget=150, clock=ctx.clock)
+    assert evicted == [names[1], names[2]]  # least recently used first; names[0] is in use
+    assert list(builder.built) == [names[0]]
+
+
+def test_build_timeout_extends_the_launch_deadline(
+    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+) -> None:
+    launch_id = repo_launch(ctx)
+    launcher.advance(ctx, launch_id)
+    clock.advance(ctx.settings.launch_timeout + 5)  # past the launch timeout, within the build's
+    outcome = launcher.advance(ctx, launch_id)
+    assert outcome.retry_in is not None and status(ctx, launch_id) == Status.building

@@ -1,0 +1,356 @@
+"""Build deduplication: one build per environment name, however many launches ask at once.
+
+The ``builds`` row keyed by the environment name is the lock. A launch either finds the
+environment built (and goes on), finds a build running with a fresh heartbeat (and waits), or
+claims the build with an INSERT ... ON CONFLICT DO NOTHING / a conditional UPDATE (and sends
+the build task). A build whose heartbeat went stale (its worker died) is claimed again by the
+next launch that looks. A failed build fails every launch that was waiting for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.builders import Builder, BuildFailed
+from worker.db import as_utc, bulk_update, session_scope
+from worker.launches import record_event
+from worker.models import Build, BuildStatus, EndReason, Launch, LaunchEvent, Phase, Status
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0
+# A build whose heartbeat is older than this has lost its worker.
+STALE_AFTER = timedelta(seconds=60)
+# How often a waiting launch looks at its build (the build also re-sends it when done).
+POLL_SECONDS = 3.0
+LOG_FLUSH_SECONDS = 0.5
+
+
+class Decision(enum.Enum):
+    ready = "ready"  # built: launch it
+    start = "start"  # this launch claimed the build: send the build task
+    wait = "wait"  # another build is running
+    failed = "failed"  # the build this launch waited for failed
+
+
+def _insert_ignore(db: Session, values: dict[str, Any]) -> bool:
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(Build).values(**values).on_conflict_do_nothing(index_elements=["name"])
+    return bool(db.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def _claim(db: Session, build: Build, now: datetime) -> bool:
+    """Take over a failed, evicted or abandoned build (only one claimer wins)."""
+    stmt = (
+        bulk_update(Build)
+        .where(Build.name == build.name, Build.status == build.status)
+        .values(
+            status=BuildStatus.building,
+            attempts=Build.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            finished_at=None,
+            log_tail=None,
+        )
+    )
+    if build.status == BuildStatus.building:
+        stmt = stmt.where(Build.heartbeat_at < now - STALE_AFTER)
+    won = bool(db.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    db.refresh(build)
+    return won
+
+
+def decide(db: Session, launch: Launch, builder: Builder, now: datetime) -> Decision:
+    """What a repository launch does about its environment; records the matching event once."""
+    name = launch.env_name
+    assert name is not None and launch.commit is not None
+    build = db.get(Build, name)
+    if build is None:
+        if builder.exists(name):
+            _insert_ignore(
+                db,
+                {
+                    "name": name,
+                    "repo": launch.spec["repo"],
+                    "commit": launch.commit,
+                    "builder": builder.version,
+                    "status": BuildStatus.built,
+                    "attempts": 0,
+                    "finished_at": now,
+                    "last_used_at": now,
+                },
+            )
+            return _ready(db, launch, now, "Found a built environment")
+        claimed = _insert_ignore(
+            db,
+            {
+                "name": name,
+                "repo": launch.spec["repo"],
+                "commit": launch.commit,
+                "builder": builder.version,
+                "status": BuildStatus.building,
+                "attempts": 1,
+                "started_at": now,
+                "heartbeat_at": now,
+            },
+        )
+        if claimed:
+            return _waiting(db, launch, now, Decision.start, "Building the environment")
+        build = db.get(Build, name)
+        assert build is not None
+    db.refresh(build)
+    if build.status == BuildStatus.built and builder.exists(name):
+        build.last_used_at = now
+        return _ready(db, launch, now, "Found a built environment")
+    if (
+        build.status == BuildStatus.failed
+        and build.finished_at is not None
+        and as_utc(build.finished_at) >= as_utc(launch.created_at)
+    ):
+        return Decision.failed  # it failed while this launch was waiting for it
+    if build.status == BuildStatus.building:
+        heartbeat = as_utc(build.heartbeat_at) if build.heartbeat_at else now - 2 * STALE_AFTER
+        if heartbeat >= now - STALE_AFTER or not _claim(db, build, now):
+            return _waiting(db, launch, now, Decision.wait, "Waiting for a build already running")
+        log.warning("build %s lost its worker; building again", name)
+        return _waiting(
+            db, launch, now, Decision.start, "The previous build stopped; building again"
+        )
+    if _claim(db, build, now):
+        return _waiting(db, launch, now, Decision.start, "Building the environment")
+    return _waiting(db, launch, now, Decision.wait, "Waiting for a build already running")
+
+
+def _ready(db: Session, launch: Launch, now: datetime, message: str) -> Decision:
+    if not _has_event(db, launch, Phase.built):
+        record_event(db, launch, Phase.built, message, now=now)
+    return Decision.ready
+
+
+def _waiting(
+    db: Session, launch: Launch, now: datetime, decision: Decision, message: str
+) -> Decision:
+    # Polling a running build must not repeat the same line on every look.
+    if decision == Decision.start or not _has_event(db, launch, Phase.building):
+        record_event(db, launch, Phase.building, message, now=now)
+    return decision
+
+
+def _has_event(db: Session, launch: Launch, phase: Phase) -> bool:
+    query = select(func.count()).where(
+        LaunchEvent.launch_id == launch.id, LaunchEvent.phase == phase
+    )
+    return bool(db.scalar(query))
+
+
+def failure_message(build: Build | None) -> str:
+    tail = (build.log_tail or "").strip() if build else ""
+    return "The environment could not be built." + (
+        f" The build ended with:\n{tail}" if tail else ""
+    )
+
+
+def run_build(
+    database_url: str,
+    builder: Builder,
+    name: str,
+    *,
+    clock: Callable[[], datetime],
+    notify: Callable[[str], None],
+) -> list[str]:
+    """Build ``name`` if its row says a build is owed; returns the launches to send on."""
+    with session_scope(database_url) as db:
+        build = db.get(Build, name)
+        if build is None or build.status != BuildStatus.building:
+            return []
+        repo, commit = build.repo, build.commit
+    relay = _LogRelay(database_url, name, clock, notify)
+    beat = _Heartbeat(database_url, name, clock)
+    try:
+        with beat, relay:
+            size = builder.build(name, repo, commit, relay.line)
+    except BuildFailed as e:
+        log.warning("build %s failed: %s", name, e.message)
+        _finish_failed(database_url, name, f"{e.message}\n{e.tail}".strip(), clock, notify)
+        return []
+    except Exception:
+        log.exception("build %s: unexpected error", name)
+        _finish_failed(database_url, name, "internal error while building", clock, notify)
+        return []
+    now = clock()
+    with session_scope(database_url) as db:
+        db.execute(
+            bulk_update(Build)
+            .where(Build.name == name)
+            .values(
+                status=BuildStatus.built,
+                size_bytes=size,
+                finished_at=now,
+                last_used_at=now,
+                heartbeat_at=now,
+            )
+        )
+        waiting = list(db.scalars(_waiting_launches(name)))
+        for launch in waiting:
+            record_event(db, launch, Phase.built, "Built the environment", now=now)
+    for launch in waiting:
+        notify(launch.id)
+    return [launch.id for launch in waiting]
+
+
+def _waiting_launches(name: str) -> Any:
+    return select(Launch).where(
+        Launch.env_name == name, Launch.status == Status.building, Launch.user_removed_at.is_(None)
+    )
+
+
+def _finish_failed(
+    database_url: str,
+    name: str,
+    tail: str,
+    clock: Callable[[], datetime],
+    notify: Callable[[str], None],
+) -> None:
+    now = clock()
+    tail = "\n".join(tail.splitlines()[-40:])
+    with session_scope(database_url) as db:
+        db.execute(
+            bulk_update(Build)
+            .where(Build.name == name)
+            .values(status=BuildStatus.failed, log_tail=tail, finished_at=now)
+        )
+        build = db.get(Build, name)
+        message = failure_message(build)
+        waiting = list(db.scalars(_waiting_launches(name)))
+        for launch in waiting:
+            # Nothing exists on the Hub yet: builds come before the Hub user.
+            launch.status = Status.failed
+            launch.error = message
+            launch.end_reason = EndReason.failed
+            launch.ended_at = launch.updated_at = launch.user_removed_at = now
+            record_event(db, launch, Phase.failed, message, now=now)
+    for launch in waiting:
+        notify(launch.id)
+
+
+def evict(
+    database_url: str, builder: Builder, budget: int, clock: Callable[[], datetime]
+) -> list[str]:
+    """Remove least recently used environments no live session uses, until under budget."""
+    sizes = builder.sizes()
+    total = sum(sizes.values())
+    if total <= budget:
+        return []
+    evicted = []
+    with session_scope(database_url) as db:
+        in_use = set(
+            db.scalars(
+                select(Launch.env_name).where(
+                    Launch.user_removed_at.is_(None), Launch.env_name.is_not(None)
+                )
+            )
+        )
+        candidates = db.scalars(
+            select(Build)
+            .where(Build.status == BuildStatus.built)
+            .order_by(Build.last_used_at.asc().nulls_first())
+        )
+        for build in candidates:
+            if total <= budget:
+                break
+            if build.name in in_use or build.name not in sizes:
+                continue
+            total -= builder.remove(build.name)
+            build.status = BuildStatus.evicted
+            build.finished_at = clock()
+            evicted.append(build.name)
+    for name in evicted:
+        log.info("evicted environment %s (disk budget %d bytes)", name, budget)
+    return evicted
+
+
+class _Heartbeat:
+    def __init__(self, database_url: str, name: str, clock: Callable[[], datetime]) -> None:
+        self._url, self._name, self._clock = database_url, name, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                with session_scope(self._url) as db:
+                    db.execute(
+                        bulk_update(Build)
+                        .where(Build.name == self._name, Build.status == BuildStatus.building)
+                        .values(heartbeat_at=self._clock())
+                    )
+            except Exception:  # a missed heartbeat only risks a duplicate build
+                log.exception("build %s: heartbeat failed", self._name)
+
+
+class _LogRelay:
+    """Build output becomes `building` events of every launch waiting for this build."""
+
+    def __init__(
+        self,
+        database_url: str,
+        name: str,
+        clock: Callable[[], datetime],
+        notify: Callable[[str], None],
+    ) -> None:
+        self._url, self._name, self._clock, self._notify = database_url, name, clock, notify
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self._lines.append(text[:2000])
+
+    def __enter__(self) -> _LogRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LOG_FLUSH_SECONDS):
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if not lines:
+            return
+        try:
+            with session_scope(self._url) as db:
+                waiting = list(db.scalars(_waiting_launches(self._name)))
+                now = self._clock()
+                for launch in waiting:
+                    for text in lines:
+                        record_event(db, launch, Phase.building, text, now=now)
+            for launch in waiting:
+                self._notify(launch.id)
+        except Exception:
+            log.exception("build %s: could not record build output", self._name)

@@ -1,0 +1,163 @@
+"""Repository specs: expand shorthands, refuse unsafe URLs and refs, resolve a ref to a commit.
+
+Nothing here lets a URL or ref become an option to git (BinderHub's CVE-2021-39159 was exactly
+that): both are checked to not start with ``-`` and are passed after ``--``. Hosts that resolve
+to loopback, private, link-local or otherwise non-public addresses are refused (SSRF) unless
+local repositories are allowed; the checked addresses are pinned for git's connection
+(``http.curloptResolve``), and git is told not to follow redirects, so a redirect or a DNS
+change between the check and the fetch cannot reach an internal address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from worker.settings import Settings
+
+SHORTHANDS = {"gh": "https://github.com/{}", "gl": "https://gitlab.com/{}"}
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# git check-ref-format, roughly: no control chars, spaces, ~^:?*[\, "..", "@{", leading "-".
+REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*@\{)[^\x00-\x20~^:?*\[\\]{1,255}$")
+OWNER_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
+MAX_URL = 2048
+
+
+class SpecError(ValueError):
+    """The repository spec is not acceptable; the message says what to fix."""
+
+
+class SpecBanned(SpecError):
+    """The spec matches a banned pattern."""
+
+
+class ResolveError(Exception):
+    """The ref could not be resolved (unknown ref, unreachable repository, timeout)."""
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    url: str
+    ref: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"repo": self.url, "ref": self.ref}
+
+
+def normalize(repo: str, ref: str | None, settings: Settings) -> RepoSpec:
+    """Expand shorthands and check the URL, the ref and the banned patterns (no network)."""
+    repo = repo.strip()
+    ref = (ref or "HEAD").strip()
+    scheme, _, rest = repo.partition(":")
+    if scheme in SHORTHANDS and not rest.startswith("//"):
+        if not OWNER_REPO_RE.match(rest):
+            raise SpecError(f"'{scheme}:' takes owner/repo, e.g. {scheme}:jupyterhub/binderhub")
+        repo = SHORTHANDS[scheme].format(rest)
+    if len(repo) > MAX_URL:
+        raise SpecError(f"repo URLs are at most {MAX_URL} characters")
+    if repo.startswith("-") or any(c.isspace() or ord(c) < 32 for c in repo):
+        raise SpecError("repo must be a URL such as https://host/owner/repo")
+    allowed = {"https", "git"} | ({"http", "file"} if settings.allow_local_repos else set())
+    parts = urlsplit(repo)
+    if parts.scheme not in allowed:
+        raise SpecError(f"repo URL scheme must be one of: {', '.join(sorted(allowed))}")
+    if parts.scheme != "file" and not parts.hostname:
+        raise SpecError("repo URL must name a host")
+    if parts.username or parts.password:
+        raise SpecError("repo URLs must not carry credentials")
+    if not REF_RE.match(ref):
+        raise SpecError("ref must be a branch, tag or commit name (no spaces, not starting '-')")
+    spec = RepoSpec(repo, ref)
+    for pattern in settings.banned_specs:
+        if re.search(pattern, f"{spec.url}@{spec.ref}"):
+            raise SpecBanned("This repository is not allowed on this service.")
+    return spec
+
+
+def check_host(url: str, settings: Settings) -> list[str]:
+    """Resolve the URL's host and refuse non-public addresses; returns the addresses."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return []
+    host = parts.hostname or ""
+    port = parts.port or {"https": 443, "http": 80, "git": 9418}[parts.scheme]
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as e:
+        raise SpecError(f"repo host {host!r} does not resolve") from e
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if not settings.allow_local_repos:
+        for address in addresses:
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise SpecError(f"repo host {host!r} is not a public address; it is refused")
+    return addresses
+
+
+def git_env() -> dict[str, str]:
+    # Never prompt, never read the user's git config or credential helpers.
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/nonexistent",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_ASKPASS": "/bin/false",
+        "LC_ALL": "C",
+    }
+
+
+def git_options(url: str, addresses: list[str], settings: Settings) -> list[str]:
+    """`-c` options that pin the checked addresses and refuse redirects and other protocols."""
+    options = ["-c", "http.followRedirects=false", "-c", "protocol.ext.allow=never"]
+    if not settings.allow_local_repos:
+        options += ["-c", "protocol.file.allow=never"]
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and addresses:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+        options += ["-c", f"http.curloptResolve={parts.hostname}:{port}:{pinned}"]
+    return options
+
+
+def resolve(spec: RepoSpec, settings: Settings) -> str:
+    """The commit a ref names, with `git ls-remote` (no host API needed); a sha is used as is."""
+    if SHA_RE.match(spec.ref):
+        return spec.ref
+    addresses = check_host(spec.url, settings)
+    command = ["git", *git_options(spec.url, addresses, settings), "ls-remote", "--", spec.url]
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=settings.resolve_timeout,
+            env=git_env(),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ResolveError(f"{spec.url} did not answer within {settings.resolve_timeout} s") from e
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1:] or ["no answer"]
+        raise ResolveError(f"cannot read {spec.url}: {detail[0][:300]}")
+    refs: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        sha, _, name = line.partition("\t")
+        refs.setdefault(name, sha)
+    for candidate in (
+        spec.ref,
+        f"refs/heads/{spec.ref}",
+        f"refs/tags/{spec.ref}^{{}}",
+        f"refs/tags/{spec.ref}",
+    ):
+        if candidate in refs:
+            return refs[candidate]
+    if re.fullmatch(r"[0-9a-f]{7,39}", spec.ref):
+        raise ResolveError(
+            "abbreviated commits cannot be resolved remotely; give all 40 hex digits"
+        )
+    raise ResolveError(f"{spec.url} has no branch or tag named {spec.ref!r}")

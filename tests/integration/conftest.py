@@ -19,6 +19,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from hublaunch.stack import Stack, StackConfig
+from tests.integration.gitserver import GitServer
 from worker.db import session_scope
 from worker.hub_client import HubClient
 from worker.launcher import remove_hub_user
@@ -30,6 +31,16 @@ PG_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("HUBLAUNCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 RUN_ID = secrets.token_hex(4)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+# The PostgreSQL and real-server stacks may launch repositories served on 127.0.0.1; the SQLite
+# stack keeps the production default, which refuses them.
+LOCAL_REPOS = {"HUBLAUNCH_ALLOW_LOCAL_REPOS": "1"}
+
+
+@pytest.fixture(scope="session")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
+    server = GitServer(tmp_path_factory.mktemp("git"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +114,12 @@ def fake_stacks(
     stacks: dict[str, Stack] = {}
     try:
         stacks["postgresql"] = start_stack(
-            tmp_path_factory, "pg", make_database("fake"), redis_url, spawner="fake"
+            tmp_path_factory,
+            "pg",
+            make_database("fake"),
+            redis_url,
+            spawner="fake",
+            env=LOCAL_REPOS,
         )
         stacks["sqlite"] = start_stack(
             tmp_path_factory,
@@ -129,7 +145,9 @@ def real_stack(
     tmp_path_factory: pytest.TempPathFactory, make_database: Callable[[str], str], redis_url: str
 ) -> Iterator[Stack]:
     """A stack whose Hub runs real jupyterhub-singleuser servers."""
-    stack = start_stack(tmp_path_factory, "real", make_database("real"), redis_url, spawner="local")
+    stack = start_stack(
+        tmp_path_factory, "real", make_database("real"), redis_url, spawner="local", env=LOCAL_REPOS
+    )
     try:
         yield stack
     finally:

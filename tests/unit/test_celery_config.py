@@ -30,3 +30,10 @@ def test_embedded_filesystem_broker_gets_its_folders(tmp_path: object) -> None:
     app = create_celery(Settings(broker_url=f"filesystem://{tmp_path}"))
     assert app.conf.broker_url == "filesystem://"
     assert app.conf.broker_transport_options["data_folder_in"] == str(tmp_path)
+
+
+def test_builds_have_their_own_queue() -> None:
+    settings = Settings(queue="q1")
+    assert settings.build_queue == "q1.builds"
+    config = celery_config(settings)
+    assert config["task_routes"] == {"hublaunch.build": {"queue": "q1.builds"}}

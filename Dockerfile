@@ -22,7 +22,8 @@ COPY worker ./worker
 COPY hub ./hub
 COPY hublaunch ./hublaunch
 COPY migrations ./migrations
-RUN pip install .
+# repo2docker drives the Docker daemon of the `builder` service (docker-compose.yml).
+RUN pip install ".[repo2docker]"
 
 # Everything runs as an unprivileged user. Its working directory holds the relative state:
 # .hublaunch/ (beat's schedule) and hub/ (the Hub's database, cookie secret and the sessions'

@@ -63,7 +63,7 @@ def make_database() -> Iterator[Callable[[str], str]]:
     made: list[str] = []
 
     def make(label: str) -> str:
-        name = f"hublaunch_test_{RUN_ID}_{label}"
+        name = f"hublaunch_test_{RUN_ID}_{label}_{len(made)}"
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         made.append(name)

@@ -7,7 +7,7 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import update
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import launch_row, read_events, start_stack, wait_for
+from tests.integration.conftest import launch_row, read_events
 from worker.crypto import cipher
 from worker.cull import Action, cull_pass
 from worker.db import session_scope
@@ -312,34 +312,3 @@ def test_cull_command_prints_what_it_would_do_then_does_it(
     done = cull()
     assert f"{user}  {launch_id}  ended" in done
     assert status(api, launch_id)["status"] == "ended" and hub.get_user(user) is None
-
-
-@pytest.fixture(scope="module")
-def beat_stack(
-    tmp_path_factory: pytest.TempPathFactory, make_database: Callable[[str], str], redis_url: str
-) -> Iterator[Stack]:
-    stack = start_stack(
-        tmp_path_factory,
-        "beat",
-        make_database("beat"),
-        redis_url,
-        spawner="fake",
-        beat=True,
-        env={"HUBLAUNCH_CULL_INTERVAL": "1"},
-    )
-    yield stack
-    stack.stop()
-
-
-def test_the_beat_schedule_fires_passes(beat_stack: Stack) -> None:
-    hub = HubClient(beat_stack.hub_api_url, beat_stack.hub_token)
-    with httpx.Client(base_url=beat_stack.public_url, timeout=30) as api:
-        launch_id, user = launch_ready(api, lifetime=2)
-        ended = wait_for(
-            lambda: (s := status(api, launch_id))["status"] == "ended" and s,
-            timeout=30,
-            what="the beat-driven pass to end the session",
-        )
-    assert ended["end_reason"] == "expired"
-    assert hub.get_user(user) is None
-    hub.close()

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from sqlalchemy import select
 
 from worker import launches
 from worker.crypto import InvalidToken, cipher
@@ -35,10 +36,27 @@ def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[
         out = []
         for event in launches.events_after(db, launch_id, after_id):
             payload = _payload(settings, event)
-            if event.phase == Phase.ready and launch.status == Status.ready:
-                payload.update(_credentials(settings, launch.token_ciphertext))
+            if event.phase == Phase.ready:
+                # BinderHub's ready event names the image it launched.
+                payload["image"] = launch.spec.get("image") or launch.env_name
+                if launch.status == Status.ready:
+                    payload.update(_credentials(settings, launch.token_ciphertext))
             out.append(payload)
         return out, launch.is_terminal
+
+
+def _already_finished(settings: Settings, launch_id: str, seen_id: int) -> bool:
+    """Whether the client already saw the final event (an EventSource reconnects by itself
+    after the stream closes; it must get a closed stream, not a stream that waits forever)."""
+    if seen_id <= 0:
+        return False
+    with session_scope(settings.database_url) as db:
+        seen = db.scalars(
+            select(LaunchEvent.phase).where(
+                LaunchEvent.launch_id == launch_id, LaunchEvent.id <= seen_id
+            )
+        )
+        return any(phase in FINAL_PHASES for phase in seen)
 
 
 def _payload(settings: Settings, event: LaunchEvent) -> dict[str, Any]:
@@ -54,11 +72,19 @@ def _credentials(settings: Settings, ciphertext: str | None) -> dict[str, str]:
         return {}
 
 
-def format_event(payload: dict[str, Any]) -> str:
-    return f"id: {payload['id']}\ndata: {json.dumps(payload)}\n\n"
+def format_event(payload: dict[str, Any], id_prefix: str = "") -> str:
+    return f"id: {id_prefix}{payload['id']}\ndata: {json.dumps(payload)}\n\n"
 
 
-async def event_stream(settings: Settings, launch_id: str, *, after_id: int) -> AsyncIterator[str]:
+async def event_stream(
+    settings: Settings, launch_id: str, *, after_id: int, id_prefix: str = ""
+) -> AsyncIterator[str]:
+    """Stored events after ``after_id``, then new ones as they come, until ready or failed.
+
+    ``id_prefix`` goes before each event id; the /build stream uses it to tie a reconnecting
+    EventSource (which sends the last id back as Last-Event-ID) to the same launch."""
+    if await anyio.to_thread.run_sync(_already_finished, settings, launch_id, after_id):
+        return
     url = redis_url(settings)
     client = aioredis.Redis.from_url(url) if url else None
     pubsub = client.pubsub() if client else None
@@ -72,7 +98,7 @@ async def event_stream(settings: Settings, launch_id: str, *, after_id: int) -> 
         while True:
             events, terminal = await anyio.to_thread.run_sync(_load, settings, launch_id, after_id)
             for payload in events:
-                yield format_event(payload)
+                yield format_event(payload, id_prefix)
                 last_sent = time.monotonic()
                 after_id = payload["id"]
                 if payload["phase"] in FINAL_PHASES:

@@ -9,10 +9,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.routes import health, launches
+from api.pages import STATIC_DIR, not_found
+from api.routes import binder, health, launches, pages
 from worker.hub_client import HubClient
 from worker.settings import Settings, get_settings
 
@@ -84,6 +87,14 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": _describe(errors)}, 422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """JSON under /api/ (what scripts read); a plain page elsewhere (what people see)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and not request.url.path.startswith("/api/"):
+        return not_found(request)
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -105,7 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(launches.router)
     app.include_router(health.router)
+    app.include_router(binder.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     return app

@@ -46,6 +46,15 @@ c.JupyterHub.db_url = env.get("HUBLAUNCH_HUB_DB_URL", f"sqlite:///{data_dir / 'j
 c.JupyterHub.cookie_secret_file = str(data_dir / "jupyterhub_cookie_secret")
 c.JupyterHub.pid_file = str(data_dir / "jupyterhub.pid")
 
+# -- sessions survive a Hub restart ------------------------------------------------
+# A restart (upgrade, crash) must not kill running sessions: the Hub reconnects to them.
+# `hublaunch dev` and the tests set HUBLAUNCH_HUB_CLEANUP_SERVERS=1 so Ctrl-C leaves nothing behind.
+c.JupyterHub.cleanup_servers = env.get("HUBLAUNCH_HUB_CLEANUP_SERVERS", "") == "1"
+# Limits: spawns in flight at once (more get 429, which hublaunch retries with backoff) and
+# running servers in all (0: no limit). Size them to the machine the sessions run on.
+c.JupyterHub.concurrent_spawn_limit = int(env.get("HUBLAUNCH_HUB_CONCURRENT_SPAWN_LIMIT", "100"))
+c.JupyterHub.active_server_limit = int(env.get("HUBLAUNCH_HUB_ACTIVE_SERVER_LIMIT", "0"))
+
 # -- spawning ---------------------------------------------------------------------
 spawner = env.get("HUBLAUNCH_HUB_SPAWNER", "local")
 c.JupyterHub.spawner_class = {
@@ -67,5 +76,8 @@ c.ImageChoice.environments_dir = str(
     Path(env.get("HUBLAUNCH_ENVS_DIR", ".hublaunch/envs")).resolve()
 )
 c.EnvironmentSpawner.home_dir_template = str(data_dir / "homes" / "{username}")
+# Binder clients on other sites (thebe, Jupyter Book) talk to the server from their own origin;
+# every request still needs the session's token. Set to "" to allow the server's own origin only.
+c.Spawner.args = [f"--ServerApp.allow_origin={env.get('HUBLAUNCH_SERVER_ALLOW_ORIGIN', '*')}"]
 if os.geteuid() == 0:
-    c.Spawner.args = ["--allow-root"]
+    c.Spawner.args.append("--allow-root")

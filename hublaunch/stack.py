@@ -102,6 +102,8 @@ class Stack:
                 "HUBLAUNCH_SECRET_KEY_FILE": str(c.data_dir / "secret.key"),
                 "HUBLAUNCH_BEAT_SCHEDULE_FILE": str(c.data_dir / "celerybeat-schedule"),
                 "HUBLAUNCH_ENVS_DIR": str(c.data_dir / "envs"),
+                # A local stack stops its sessions with it (production keeps them on restart).
+                "HUBLAUNCH_HUB_CLEANUP_SERVERS": "1",
                 "HUBLAUNCH_QUEUE": c.queue,
                 "HUBLAUNCH_HUB_DATA_DIR": str(c.data_dir / "hub"),
                 "HUBLAUNCH_HUB_SPAWNER": c.spawner,

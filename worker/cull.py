@@ -50,7 +50,7 @@ CHUNK = 500
 class Action:
     """One thing a pass did (or, in a dry run, would do)."""
 
-    category: str  # expired, idle, stuck, lost, removal, orphan, ghost
+    category: str  # expired, idle, stopped, stuck, lost, removal, orphan, ghost
     user: str | None
     launch_id: str | None
     result: str
@@ -76,6 +76,13 @@ def cull_pass(
         for launch_id, user in _end(db, now, EndReason.expired, _expired(now), dry_run):
             claimed.append(("expired", user, launch_id))
         if hub_users is not None:
+            # Ready sessions whose user is still there but whose server stopped (it crashed,
+            # or the Hub was restarted with cleanup_servers): nothing to come back to.
+            stopped = [u.name for u in hub_users.values() if not _running(u)]
+            for names in _chunks(stopped):
+                condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
+                for launch_id, user in _end(db, now, EndReason.gone, condition, dry_run):
+                    claimed.append(("stopped", user, launch_id))
             idle = _idle_names(ctx, hub_users, now)
             for names in _chunks(idle):
                 condition = Launch.hub_user.in_(names)
@@ -131,6 +138,11 @@ def _list_hub_users(ctx: LaunchContext) -> dict[str, HubUser] | None:
         # Without the listing, idle, orphan and ghost checks wait for the next pass.
         log.warning("cull: cannot list Hub users: %s", e.message)
         return None
+
+
+def _running(user: HubUser) -> bool:
+    server = user.servers.get("")
+    return server is not None and (server.ready or server.pending is not None)
 
 
 def _idle_names(ctx: LaunchContext, users: dict[str, HubUser], now: datetime) -> list[str]:

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # Celery queue for launches; tests use a fresh name per run so stale workers cannot steal.
     queue: str = "launches"
     log_level: str = "INFO"
+    # Who may read the /build event stream from a browser (Binder clients on docs sites).
+    cors_allow_origin: str = "*"
     # Addresses whose X-Forwarded-* headers the API trusts (the proxy), comma-separated.
     forwarded_allow_ips: str = "127.0.0.1"
 

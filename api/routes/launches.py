@@ -9,15 +9,16 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
 
+from api import intake
 from api.deps import DbDep, SettingsDep
 from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
-from worker import launches, repos
+from worker import launches
 from worker.crypto import InvalidToken, cipher
 from worker.db import as_utc, session_scope
-from worker.enqueue import QueueUnavailable, send_launch, send_teardown
+from worker.enqueue import QueueUnavailable, send_teardown
 from worker.launcher import server_url
-from worker.models import EndReason, Launch, Phase, Status
+from worker.models import Launch, Status
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,36 +77,10 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
 def create_launch(
     body: LaunchRequest, request: Request, response: Response, db: DbDep, settings: SettingsDep
 ) -> LaunchAccepted:
-    spec = body.spec()
-    if body.repo is not None:
-        try:
-            repo = repos.normalize(body.repo, body.ref, settings)
-            repos.check_host(repo.url, settings)
-        except repos.SpecBanned as e:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, str(e)) from e
-        except repos.SpecError as e:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-        spec = repo.as_dict()
-    lifetime = body.lifetime or settings.session_max_age
-    if lifetime > settings.session_max_age:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"lifetime must be at most {settings.session_max_age} seconds",
-        )
-    launch = launches.create_launch(db, spec, lifetime=lifetime, timeout=settings.launch_timeout)
-    # The task names a committed row, never one that might still roll back.
-    db.commit()
     try:
-        send_launch(launch.id)
-    except QueueUnavailable as e:
-        log.error("launch %s: queue unavailable: %s", launch.id, e)
-        launch.status = Status.failed
-        launch.error = "The launch queue is unavailable; nothing was started. Try again shortly."
-        launch.end_reason = EndReason.failed
-        launch.ended_at = launch.user_removed_at = launch.updated_at
-        launches.record_event(db, launch, Phase.failed, launch.error)
-        db.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, launch.error) from e
+        launch = intake.accept(db, settings, body)
+    except intake.Refused as e:
+        raise HTTPException(e.status, e.message) from e
     status_url = str(request.url_for("get_launch", launch_id=launch.id))
     response.headers["Location"] = status_url
     return LaunchAccepted(

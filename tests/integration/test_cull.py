@@ -312,3 +312,16 @@ def test_cull_command_prints_what_it_would_do_then_does_it(
     done = cull()
     assert f"{user}  {launch_id}  ended" in done
     assert status(api, launch_id)["status"] == "ended" and hub.get_user(user) is None
+
+
+def test_sessions_whose_server_stopped_end_and_their_user_goes(
+    api: httpx.Client, hub: HubClient, run_pass: Callable[..., list[Action]]
+) -> None:
+    launch_id, user = launch_ready(api)
+    assert hub.stop_server(user)  # e.g. the server crashed, or a Hub restart cleaned it up
+
+    actions = by_launch(run_pass())
+
+    assert actions[launch_id] == Action("stopped", user, launch_id, "ended")
+    assert status(api, launch_id)["end_reason"] == "gone"
+    assert hub.get_user(user) is None

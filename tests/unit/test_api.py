@@ -18,7 +18,7 @@ from worker.settings import Settings
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     sent: list[str] = []
-    monkeypatch.setattr("api.routes.launches.send_launch", sent.append)
+    monkeypatch.setattr("api.intake.send_launch", sent.append)
     return sent
 
 
@@ -128,7 +128,7 @@ def test_queue_down_is_503_and_the_launch_is_marked_failed(
     def down(_launch_id: str) -> None:
         raise QueueUnavailable("connection refused")
 
-    monkeypatch.setattr("api.routes.launches.send_launch", down)
+    monkeypatch.setattr("api.intake.send_launch", down)
     response = api.post("/api/launches", json={"image": "default"})
     assert response.status_code == 503
     assert "queue is unavailable" in response.json()["detail"]

@@ -1,0 +1,93 @@
+"""BinderHub-compatible links: ``/build/<provider>/<spec>`` (the event stream Binder clients such
+as thebe and Jupyter Book's launch buttons speak) and ``/v2/<provider>/<spec>`` (launch pages).
+
+Providers and specs, as BinderHub writes them:
+``gh/<owner>/<repo>/<ref>``, ``gl/<url-escaped namespace/project>/<ref>``,
+``git/<url-escaped url>/<ref>`` and ``image/<url-escaped image name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+from api.schemas import LaunchRequest
+
+PROVIDERS = ("gh", "gl", "git", "image")
+
+
+class BadSpec(ValueError):
+    """The provider or spec cannot be read; the message says what form is expected."""
+
+
+@dataclass(frozen=True)
+class BinderSpec:
+    provider: str
+    spec: str  # as it appears in the URL (still escaped)
+
+    def request(self) -> LaunchRequest:
+        """The launch this link asks for (validated like any POST /api/launches body)."""
+        try:
+            return LaunchRequest.model_validate(self._fields())
+        except ValueError as e:
+            raise BadSpec(_first_error(e)) from e
+
+    def _fields(self) -> dict[str, Any]:
+        if self.provider == "image":
+            return {"image": unquote(self.spec)}
+        if self.provider == "gh":
+            parts = self.spec.split("/", 2)
+            if len(parts) != 3 or not all(parts):
+                raise BadSpec("gh links read gh/<owner>/<repo>/<ref>")
+            return {"repo": f"gh:{parts[0]}/{parts[1]}", "ref": unquote(parts[2])}
+        if self.provider in ("gl", "git"):
+            head, _, ref = self.spec.partition("/")
+            if not head or not ref:
+                form = (
+                    "<url-escaped namespace/project>"
+                    if self.provider == "gl"
+                    else ("<url-escaped url>")
+                )
+                raise BadSpec(f"{self.provider} links read {self.provider}/{form}/<ref>")
+            repo = f"gl:{unquote(head)}" if self.provider == "gl" else unquote(head)
+            return {"repo": repo, "ref": unquote(ref)}
+        raise BadSpec(f"unknown provider {self.provider!r}; use one of: {', '.join(PROVIDERS)}")
+
+    @property
+    def path(self) -> str:
+        return f"{self.provider}/{self.spec}"
+
+
+def from_raw_path(raw_path: bytes, prefix: str) -> BinderSpec:
+    """Read the spec from the undecoded path: escaped slashes (%2F) are part of a spec."""
+    path = raw_path.decode("latin-1").split("?", 1)[0]
+    rest = path[len(prefix) :] if path.startswith(prefix) else ""
+    provider, _, spec = rest.partition("/")
+    if provider not in PROVIDERS:
+        raise BadSpec(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
+    if not spec:
+        raise BadSpec(f"{provider} links need a spec after {prefix}{provider}/")
+    return BinderSpec(provider, spec)
+
+
+def link_for(spec: dict[str, Any]) -> str:
+    """The ``<provider>/<spec>`` that launches a stored launch spec again."""
+    if "image" in spec:
+        return f"image/{quote(spec['image'], safe='')}"
+    url, ref = str(spec["repo"]), quote(str(spec.get("ref", "HEAD")), safe="")
+    github = "https://github.com/"
+    if url.startswith(github) and url[len(github) :].count("/") == 1:
+        return f"gh/{url[len(github) :].removesuffix('.git')}/{ref}"
+    gitlab = "https://gitlab.com/"
+    if url.startswith(gitlab):
+        return f"gl/{quote(url[len(gitlab) :].removesuffix('.git'), safe='')}/{ref}"
+    return f"git/{quote(url, safe='')}/{ref}"
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        for error in errors():
+            return str(error.get("msg", e)).removeprefix("Value error, ")
+    return str(e)

@@ -1,0 +1,106 @@
+"""/build (BinderHub's event stream), /v2 (launch pages) and the launch badge."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+
+from api import binder, intake
+from api.deps import SettingsDep
+from api.events import event_stream
+from api.pages import page
+from worker import launches, repos
+from worker.db import session_scope
+from worker.settings import Settings
+
+router = APIRouter(tags=["binder"])
+
+BADGE = """<svg xmlns="http://www.w3.org/2000/svg" width="110" height="20" role="img"
+aria-label="launch: hublaunch"><title>launch: hublaunch</title>
+<rect width="48" height="20" fill="#555"/><rect x="48" width="62" height="20" fill="#e66581"/>
+<g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11">
+<text x="24" y="14">launch</text><text x="78" y="14">hublaunch</text></g></svg>"""
+
+
+@router.get(
+    "/build/{provider}/{spec:path}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="BinderHub-compatible launch event stream",
+)
+def build(request: Request, settings: SettingsDep) -> Response:
+    """Start a launch (or, for a reconnecting EventSource, resume its own) and stream its events
+    in BinderHub's shape. Errors arrive as one ``failed`` event, as BinderHub sends them."""
+    headers = {
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        "Access-Control-Allow-Origin": settings.cors_allow_origin,
+    }
+    try:
+        spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
+        launch_id, after = _resume(settings, request.headers.get("Last-Event-ID", ""), spec)
+        if launch_id is None:
+            with session_scope(settings.database_url) as db:
+                launch_id, after = intake.accept(db, settings, spec.request()).id, 0
+    except (binder.BadSpec, intake.Refused) as e:
+        message = e.message if isinstance(e, intake.Refused) else str(e)
+        return StreamingResponse(
+            _one_failure(message), media_type="text/event-stream", headers=headers
+        )
+    stream = event_stream(settings, launch_id, after_id=after, id_prefix=f"{launch_id}:")
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+def _resume(
+    settings: Settings, last_event_id: str, spec: binder.BinderSpec
+) -> tuple[str | None, int]:
+    """A reconnect carries ``<launch id>:<event id>``: continue that launch, never start another
+    (BinderHub once launched twice here). Anything else starts a new launch."""
+    launch_id, _, seen = last_event_id.partition(":")
+    if not launch_id or not seen.isdigit():
+        return None, 0
+    with session_scope(settings.database_url) as db:
+        launch = launches.get_launch(db, launch_id)
+        if launch is None or binder.link_for(launch.spec) != binder.link_for(
+            _normalized(settings, spec)
+        ):
+            return None, 0
+    return launch_id, int(seen)
+
+
+def _normalized(settings: Settings, spec: binder.BinderSpec) -> dict[str, Any]:
+    request = spec.request()
+    if request.repo is None:
+        return request.spec()
+    return repos.normalize(request.repo, request.ref, settings).as_dict()
+
+
+async def _one_failure(message: str) -> AsyncIterator[str]:
+    yield f"data: {json.dumps({'phase': 'failed', 'message': message})}\n\n"
+
+
+@router.get("/v2/{provider}/{spec:path}", response_class=HTMLResponse, include_in_schema=False)
+def launch_page(request: Request) -> HTMLResponse:
+    """What a Binder link opens: progress, the build log, then the running server."""
+    try:
+        spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/v2/")
+        spec.request()
+    except binder.BadSpec as e:
+        return page(request, "not_found.html", 404, message=f"This launch link is not valid: {e}")
+    return page(
+        request,
+        "launch.html",
+        build_path=f"/build/{spec.path}",
+        link=f"/v2/{spec.path}",
+        urlpath=request.query_params.get("urlpath", ""),
+        labpath=request.query_params.get("labpath", ""),
+    )
+
+
+@router.get("/badge.svg", include_in_schema=False)
+def badge() -> Response:
+    return Response(BADGE, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})

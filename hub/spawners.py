@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import sys
 from typing import Any
@@ -91,7 +92,16 @@ class EnvironmentSpawner(ImageChoice, LocalProcessSpawner):  # type: ignore[misc
             }
         )
         self.notebook_dir = self.home_dir_template.format(username=self.user.name)
+        _copy_repository(prefix, self.notebook_dir)
         return await super().start()
+
+
+def _copy_repository(prefix: str, home: str) -> None:
+    """As on Binder, a session starts in a copy of the repository it was built from."""
+    source = os.path.join(prefix, "repo")
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    if os.path.isdir(source) and not os.listdir(home):
+        shutil.copytree(source, home, dirs_exist_ok=True, symlinks=True)
 
 
 class _FakeServerHandler(web.RequestHandler):

@@ -25,6 +25,7 @@ from worker.repos import check_host, git_env, git_options
 from worker.settings import Settings
 
 MARKER = ".hublaunch-env"
+REPO_DIR = "repo"
 TAIL_LINES = 40
 
 
@@ -111,6 +112,9 @@ class VenvBuilder:
                     cwd=source,
                     what="pip install",
                 )
+            # The repository's files go with the environment; each session starts with a copy.
+            shutil.rmtree(source / ".git", ignore_errors=True)
+            source.rename(env / REPO_DIR)
             (env / MARKER).write_text(
                 json.dumps({"repo": repo, "commit": commit, "builder": self.version})
             )

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from worker.db import session_factory
+from worker.db import session_scope
 from worker.settings import Settings
 
 
@@ -18,15 +18,8 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_db(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    db = session_factory(settings.database_url)()
-    try:
+    with session_scope(settings.database_url) as db:
         yield db
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
-    finally:
-        db.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -24,6 +24,7 @@ from worker.builders import Builder, BuildFailed
 from worker.db import as_utc, bulk_update, session_scope
 from worker.launches import record_event
 from worker.models import Build, BuildStatus, EndReason, Launch, LaunchEvent, Phase, Status
+from worker.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,15 @@ def run_build(
             return []
         repo, commit = build.repo, build.commit
     relay = _LogRelay(database_url, name, clock, notify)
-    beat = _Heartbeat(database_url, name, clock)
     try:
-        with beat, relay:
-            size = builder.build(name, repo, commit, relay.line)
+        with (
+            every(HEARTBEAT_SECONDS, lambda: _heartbeat(database_url, name, clock)),
+            every(LOG_FLUSH_SECONDS, relay.flush),
+        ):
+            try:
+                size = builder.build(name, repo, commit, relay.line)
+            finally:
+                relay.flush()
     except BuildFailed as e:
         log.warning("build %s failed: %s", name, e.message)
         _finish_failed(database_url, name, f"{e.message}\n{e.tail}".strip(), clock, notify)
@@ -278,31 +284,16 @@ def evict(
     return evicted
 
 
-class _Heartbeat:
-    def __init__(self, database_url: str, name: str, clock: Callable[[], datetime]) -> None:
-        self._url, self._name, self._clock = database_url, name, clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                with session_scope(self._url) as db:
-                    db.execute(
-                        bulk_update(Build)
-                        .where(Build.name == self._name, Build.status == BuildStatus.building)
-                        .values(heartbeat_at=self._clock())
-                    )
-            except Exception:  # a missed heartbeat only risks a duplicate build
-                log.exception("build %s: heartbeat failed", self._name)
+def _heartbeat(database_url: str, name: str, clock: Callable[[], datetime]) -> None:
+    try:
+        with session_scope(database_url) as db:
+            db.execute(
+                bulk_update(Build)
+                .where(Build.name == name, Build.status == BuildStatus.building)
+                .values(heartbeat_at=clock())
+            )
+    except Exception:  # a missed heartbeat only risks a duplicate build
+        log.exception("build %s: heartbeat failed", name)
 
 
 class _LogRelay:
@@ -318,27 +309,12 @@ class _LogRelay:
         self._url, self._name, self._clock, self._notify = database_url, name, clock, notify
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def line(self, text: str) -> None:
         with self._lock:
             self._lines.append(text[:2000])
 
-    def __enter__(self) -> _LogRelay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._flush()
-
-    def _run(self) -> None:
-        while not self._stop.wait(LOG_FLUSH_SECONDS):
-            self._flush()
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
         with self._lock:
             lines, self._lines = self._lines, []
         if not lines:

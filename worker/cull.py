@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, or_, select
 from sqlalchemy.orm import Session
@@ -173,6 +174,20 @@ def _expired(now: datetime) -> ColumnElement[bool]:
     return and_(Launch.expires_at.is_not(None), Launch.expires_at < now)
 
 
+def _claim(
+    db: Session, where: ColumnElement[bool], values: dict[str, Any], dry_run: bool
+) -> list[tuple[str, str | None]]:
+    """(launch id, Hub user) of the rows matching ``where``, updated with ``values`` in the same
+    statement: a concurrent pass re-evaluates ``where`` after our row lock and skips them.
+    A dry run only reads."""
+    columns = (Launch.id, Launch.hub_user)
+    if dry_run:
+        rows = db.execute(select(*columns).where(where))
+    else:
+        rows = db.execute(bulk_update(Launch).where(where).values(**values).returning(*columns))
+    return [(r.id, r.hub_user) for r in rows]
+
+
 def _end(
     db: Session, now: datetime, reason: EndReason, condition: ColumnElement[bool], dry_run: bool
 ) -> list[tuple[str, str | None]]:
@@ -184,17 +199,8 @@ def _end(
         _lease_free(now),
         condition,
     )
-    if dry_run:
-        return [
-            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
-        ]
-    rows = db.execute(
-        bulk_update(Launch)
-        .where(where)
-        .values(end_requested_at=now, end_reason=reason, updated_at=now, lease_until=now + LEASE)
-        .returning(Launch.id, Launch.hub_user)
-    ).all()
-    return [(r.id, r.hub_user) for r in rows]
+    values = {"end_requested_at": now, "end_reason": reason, "updated_at": now}
+    return _claim(db, where, {**values, "lease_until": now + LEASE}, dry_run)
 
 
 def _stuck(
@@ -213,30 +219,22 @@ def _stuck(
         ),
         _lease_free(now),
     )
-    if dry_run:
-        return [
-            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
-        ]
     error = f"The server did not start within {timeout} s. Try again in a few minutes."
-    rows = db.execute(
-        bulk_update(Launch)
-        .where(where)
-        .values(
-            status=Status.failed,
-            error=error,
-            end_reason=EndReason.failed,
-            ended_at=now,
-            updated_at=now,
-            token_ciphertext=None,
-            lease_until=now + LEASE,
-        )
-        .returning(Launch.id, Launch.hub_user)
-    ).all()
-    for row in rows:
-        launch = get_launch(db, row.id)
+    values = {
+        "status": Status.failed,
+        "error": error,
+        "end_reason": EndReason.failed,
+        "ended_at": now,
+        "updated_at": now,
+        "token_ciphertext": None,
+        "lease_until": now + LEASE,
+    }
+    rows = _claim(db, where, values, dry_run)
+    for launch_id, _user in [] if dry_run else rows:
+        launch = get_launch(db, launch_id)
         assert launch is not None
         record_event(db, launch, Phase.failed, error, now=now)
-    return [(r.id, r.hub_user) for r in rows]
+    return rows
 
 
 def _owed_removals(db: Session, now: datetime, dry_run: bool) -> list[tuple[str, str | None]]:
@@ -251,17 +249,7 @@ def _owed_removals(db: Session, now: datetime, dry_run: bool) -> list[tuple[str,
         Launch.updated_at < now - REMOVAL_GRACE,
         _lease_free(now),
     )
-    if dry_run:
-        return [
-            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
-        ]
-    rows = db.execute(
-        bulk_update(Launch)
-        .where(where)
-        .values(lease_until=now + LEASE)
-        .returning(Launch.id, Launch.hub_user)
-    ).all()
-    return [(r.id, r.hub_user) for r in rows]
+    return _claim(db, where, {"lease_until": now + LEASE}, dry_run)
 
 
 def _lost(
@@ -278,17 +266,7 @@ def _lost(
         Launch.updated_at < quiet_since,
         or_(Launch.deadline_at >= now, Launch.deadline_at.is_(None)),
     )
-    if dry_run:
-        return [
-            (r.id, r.hub_user) for r in db.execute(select(Launch.id, Launch.hub_user).where(where))
-        ]
-    rows = db.execute(
-        bulk_update(Launch)
-        .where(where)
-        .values(updated_at=now)
-        .returning(Launch.id, Launch.hub_user)
-    ).all()
-    return [(r.id, r.hub_user) for r in rows]
+    return _claim(db, where, {"updated_at": now}, dry_run)
 
 
 def _orphans(

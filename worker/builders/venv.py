@@ -21,6 +21,7 @@ from collections import deque
 from pathlib import Path
 
 from worker.builders import BuildFailed, Log
+from worker.periodic import every
 from worker.repos import check_host, git_env, git_options
 from worker.settings import Settings
 
@@ -146,23 +147,23 @@ class VenvBuilder:
             what="git remote",
         )
         guard = _SizeGuard(source, self.settings.clone_size_limit)
-        with guard:
-            try:
-                self._run(
-                    [*git, "-C", str(source), "fetch", "--quiet", "--depth", "1", "origin", commit],
-                    log,
-                    deadline,
-                    what="git fetch",
-                )
-            except BuildFailed:
-                # Servers that serve only advertised refs (or dumb HTTP) need a full fetch.
-                log("Shallow fetch of the commit refused; fetching the whole repository")
-                self._run(
-                    [*git, "-C", str(source), "fetch", "--quiet", "origin"],
-                    log,
-                    deadline,
-                    what="git fetch",
-                )
+        fetch = [*git, "-C", str(source), "fetch", "--quiet"]
+        try:
+            with every(0.5, guard.check):
+                try:
+                    self._run(
+                        [*fetch, "--depth", "1", "origin", commit], log, deadline, what="git fetch"
+                    )
+                except BuildFailed:
+                    if guard.exceeded:
+                        raise
+                    # Servers that serve only advertised refs (or dumb HTTP) need a full fetch.
+                    log("Shallow fetch of the commit refused; fetching the whole repository")
+                    self._run([*fetch, "origin"], log, deadline, what="git fetch")
+        except BuildFailed:
+            if not guard.exceeded:
+                raise
+        guard.check()
         if guard.exceeded:
             raise BuildFailed(
                 f"the repository is larger than {self.settings.clone_size_limit} bytes"
@@ -271,23 +272,9 @@ class _SizeGuard:
     def __init__(self, path: Path, limit: int) -> None:
         self.path, self.limit = path, limit
         self.exceeded = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> _SizeGuard:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if _dir_size(self.path) > self.limit:
+    def check(self) -> None:
+        if not self.exceeded and _dir_size(self.path) > self.limit:
             self.exceeded = True
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.5):
-            if _dir_size(self.path) > self.limit:
-                self.exceeded = True
-                # Make git fail: its objects directory disappears under it.
-                shutil.rmtree(self.path / ".git" / "objects", ignore_errors=True)
-                return
+            # Make git fail: its objects directory disappears under it.
+            shutil.rmtree(self.path / ".git" / "objects", ignore_errors=True)

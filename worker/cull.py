@@ -109,8 +109,9 @@ def cull_pass(
         return actions
 
     with ThreadPoolExecutor(settings.cull_concurrency, thread_name_prefix="cull") as pool:
-        removals = pool.map(lambda item: _remove_launch_user(ctx, *item), claimed)
-        deletions = pool.map(lambda name: _remove_orphan(ctx, name), orphans)
+        listed = hub_users or {}
+        removals = pool.map(lambda c: _remove_launch_user(ctx, c[0], c[1], c[2], listed), claimed)
+        deletions = pool.map(lambda name: _remove_orphan(ctx, name, listed.get(name)), orphans)
         actions += list(removals) + list(deletions)
     _release([launch_id for _, _, launch_id in claimed], settings.database_url)
     for action in actions:
@@ -330,10 +331,14 @@ def _ghosts(
 
 
 def _remove_launch_user(
-    ctx: LaunchContext, category: str, user: str | None, launch_id: str
+    ctx: LaunchContext,
+    category: str,
+    user: str | None,
+    launch_id: str,
+    listed: dict[str, HubUser],
 ) -> Action:
     try:
-        outcome = teardown(ctx, launch_id)
+        outcome = teardown(ctx, launch_id, known=listed.get(user or ""))
     except Exception as e:  # isolate: one broken user never stops the pass
         log.exception("cull: removing %s (launch %s) failed", user, launch_id)
         return Action(category, user, launch_id, f"error: {type(e).__name__}")
@@ -342,9 +347,9 @@ def _remove_launch_user(
     return Action(category, user, launch_id, "ended" if category != "stuck" else "failed")
 
 
-def _remove_orphan(ctx: LaunchContext, name: str) -> Action:
+def _remove_orphan(ctx: LaunchContext, name: str, known: HubUser | None) -> Action:
     try:
-        removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS)
+        removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS, known=known)
     except Exception as e:
         log.exception("cull: removing orphan %s failed", name)
         return Action("orphan", name, None, f"error: {type(e).__name__}")

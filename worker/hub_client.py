@@ -30,6 +30,8 @@ import httpx
 log = logging.getLogger(__name__)
 
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
+# Longer than JupyterHub's slow_stop_timeout (10 s), after which it answers a stop with 202.
+STOP_REQUEST_TIMEOUT = 30.0
 
 
 class HubError(Exception):
@@ -201,7 +203,8 @@ class HubClient:
     def delete_user(self, name: str) -> bool:
         """Delete the user; False if it was already gone."""
         try:
-            self._request("DELETE", f"users/{quote(name)}")
+            # Deleting a user with a running server stops it first (same wait as a stop).
+            self._request("DELETE", f"users/{quote(name)}", timeout=STOP_REQUEST_TIMEOUT)
         except HubNotFound:
             return False
         return True
@@ -252,9 +255,15 @@ class HubClient:
             else (f"users/{quote(name)}/server")
         )
         try:
-            response = self._request("DELETE", path)
+            # The Hub waits up to its slow_stop_timeout (10 s) before answering 202: give it
+            # longer than that, and read a timeout as "still stopping", not as an outage.
+            response = self._request("DELETE", path, timeout=STOP_REQUEST_TIMEOUT)
         except HubNotFound:
             return True
+        except HubUnavailable as e:
+            if isinstance(e.__cause__, httpx.TimeoutException):
+                return False
+            raise
         return response.status_code != 202
 
     def wait_ready(

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from worker import builds, repos
 from worker.builders import Builder, environment_name
 from worker.db import as_utc, bulk_update, session_scope, utcnow
-from worker.hub_client import HubClient, HubRequestError, HubUnavailable
+from worker.hub_client import HubClient, HubRequestError, HubUnavailable, HubUser
 from worker.launches import (
     describe_spec,
     events_after,
@@ -346,7 +346,9 @@ def _handoff(outcome: Outcome) -> Outcome:
     return Outcome(teardown_in=outcome.retry_in) if outcome.retry_in is not None else DONE
 
 
-def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome:
+def teardown(
+    ctx: LaunchContext, launch_id: str, *, attempt: int = 0, known: HubUser | None = None
+) -> Outcome:
     """Stop every server of the launch's Hub user, then delete the user. Safe to repeat.
 
     A ready launch whose end was requested becomes ``ended``; a failed one stays ``failed``.
@@ -358,7 +360,13 @@ def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome
             return DONE
         name = launch.hub_user
     try:
-        if name is not None and not remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS):
+        removed = name is None or remove_hub_user(
+            ctx.hub,
+            name,
+            wait=STOP_WAIT_SECONDS,
+            known=known if known and known.name == name else None,
+        )
+        if not removed:
             return Outcome(retry_in=backoff(attempt, cap=10.0))
     except HubUnavailable as e:
         log.warning("teardown of launch %s: %s", launch_id, e.message)
@@ -378,15 +386,18 @@ def teardown(ctx: LaunchContext, launch_id: str, *, attempt: int = 0) -> Outcome
     return DONE
 
 
-def remove_hub_user(hub: HubClient, name: str, *, wait: float = 0.0) -> bool:
+def remove_hub_user(
+    hub: HubClient, name: str, *, wait: float = 0.0, known: HubUser | None = None
+) -> bool:
     """Stop every server of the user (named ones too), then delete the user.
 
     Returns False while a server is still stopping after ``wait`` seconds: the Hub answers a
     slow stop with 202 and refuses to delete a user whose server is stopping, so the caller
-    tries again later. A user that is already gone counts as removed.
+    tries again later. A user that is already gone counts as removed. ``known`` is the user as a
+    listing just read it (saves a request per user in a cleanup pass).
     """
     deadline = time.monotonic() + wait
-    user = hub.get_user(name)
+    user = known or hub.get_user(name)
     if user is None:
         return True
     pending = [server for server in user.servers if not hub.stop_server(name, server)]

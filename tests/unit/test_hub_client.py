@@ -139,3 +139,11 @@ def test_tokens_are_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(HubUnavailable):
         answer(500, {"message": "x"}).create_user("hl-x")
     assert TOKEN not in caplog.text and issued not in caplog.text
+
+
+def test_a_stop_that_outlasts_the_request_is_still_stopping_not_an_outage() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        assert request.extensions["timeout"]["read"] >= 30  # longer than the Hub's 10 s wait
+        raise httpx.ReadTimeout("slow stop", request=request)
+
+    assert client(httpx.MockTransport(slow)).stop_server("hl-x") is False

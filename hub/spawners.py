@@ -72,6 +72,10 @@ class EnvironmentSpawner(ImageChoice, LocalProcessSpawner):  # type: ignore[misc
     def make_preexec_fn(self, name: str) -> None:
         return None  # no user switching: every session runs as the Hub's user
 
+    def delete_forever(self) -> None:
+        # The Hub calls this when the temporary user is deleted: its files go with it.
+        shutil.rmtree(self.home_dir_template.format(username=self.user.name), ignore_errors=True)
+
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
         env["USER"] = self.user.name
         home = self.home_dir_template.format(username=self.user.name)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,9 +68,19 @@ def test_the_build_timeout_and_clone_size_limit_are_enforced(
     with pytest.raises(BuildFailed, match="larger than 50000 bytes"):
         small.build("limits-small", url, commit, lambda _line: None)
 
-    hasty = VenvBuilder(venv_settings(tmp_path, build_timeout=1))
-    with pytest.raises(BuildFailed, match="took longer than allowed"):
-        hasty.build("limits-hasty", url, commit, lambda _line: None)
+    # A package index that accepts connections and never answers: pip waits until killed.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        index = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+        slow = git_server.commit(
+            "limits", {"requirements.txt": f"--index-url {index}\nhublaunch-never-there\n"}
+        )
+        hasty = VenvBuilder(venv_settings(tmp_path, build_timeout=3))
+        started = time.monotonic()
+        with pytest.raises(BuildFailed, match="took longer than allowed"):
+            hasty.build("limits-hasty", url, slow, lambda _line: None)
+        assert time.monotonic() - started < 15
     assert not hasty.exists("limits-hasty")
     assert not [p for p in hasty.root.iterdir() if p.name.startswith(".tmp-")]
 

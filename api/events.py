@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from worker import launches
-from worker.crypto import InvalidToken, cipher
+from worker.crypto import reveal
 from worker.db import session_scope
 from worker.models import LaunchEvent, Phase, Status
 from worker.notify import channel, redis_url
@@ -35,12 +35,14 @@ def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[
             return [], True
         out = []
         for event in launches.events_after(db, launch_id, after_id):
-            payload = _payload(settings, event)
+            payload = _payload(event)
             if event.phase == Phase.ready:
                 # BinderHub's ready event names the image it launched.
                 payload["image"] = launch.spec.get("image") or launch.env_name
                 if launch.status == Status.ready:
-                    payload.update(_credentials(settings, launch.token_ciphertext))
+                    token = reveal(settings, launch.token_ciphertext)
+                    if token:
+                        payload["token"] = token
             out.append(payload)
         return out, launch.is_terminal
 
@@ -59,17 +61,8 @@ def _already_finished(settings: Settings, launch_id: str, seen_id: int) -> bool:
         return any(phase in FINAL_PHASES for phase in seen)
 
 
-def _payload(settings: Settings, event: LaunchEvent) -> dict[str, Any]:
+def _payload(event: LaunchEvent) -> dict[str, Any]:
     return {"id": event.id, "phase": event.phase, "message": event.message, **(event.data or {})}
-
-
-def _credentials(settings: Settings, ciphertext: str | None) -> dict[str, str]:
-    if not ciphertext:
-        return {}
-    try:
-        return {"token": cipher(settings).decrypt(ciphertext.encode()).decode()}
-    except InvalidToken:
-        return {}
 
 
 def format_event(payload: dict[str, Any], id_prefix: str = "") -> str:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.pages import STATIC_DIR, not_found
 from api.routes import binder, health, launches, pages
 from worker.hub_client import HubClient
+from worker.notify import redis_url
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -103,8 +105,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = HubClient(
             settings.hub_api_url, settings.hub_api_token.get_secret_value(), timeout=3.0
         )
+        # One pooled client for health checks (nothing connects until the first check).
+        url = redis_url(settings)
+        app.state.broker = (
+            redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) if url else None
+        )
         yield
         app.state.hub.close()
+        if app.state.broker is not None:
+            app.state.broker.close()
 
     app = FastAPI(
         title="hublaunch",

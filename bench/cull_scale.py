@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from cull_vs_idle_culler import CountingHub, machine_info, settings_for  # noqa: E402
+from cull_vs_idle_culler import CountingHub, machine_info  # noqa: E402
 from launch_overhead import BROKER_URL, bench_database, forget_queue  # noqa: E402
 
 from hublaunch.stack import Stack, StackConfig  # noqa: E402
@@ -259,7 +259,7 @@ class PassTiming:
 def run_pass(
     stack: Stack, setting: str, history: int, recorder: SqlRecorder
 ) -> tuple[PassTiming, list[Statement]]:
-    settings = settings_for(stack).model_copy(update=SETTINGS[setting])
+    settings = stack.settings().model_copy(update=SETTINGS[setting])
     client = HubClient(settings.hub_api_url, stack.hub_token, timeout=60)
     hub = CountingHub(client)
     ctx = LaunchContext(settings=settings, hub=hub, cipher=cipher(settings))  # type: ignore[arg-type]

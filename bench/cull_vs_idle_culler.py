@@ -73,7 +73,6 @@ from worker.cull import REMOVAL_GRACE, cull_pass  # noqa: E402
 from worker.hub_client import HubClient, HubError  # noqa: E402
 from worker.launcher import LaunchContext, remove_hub_user  # noqa: E402
 from worker.notify import Notifier  # noqa: E402
-from worker.settings import Settings  # noqa: E402
 
 FLOOR_CONCURRENCY = 16
 FLOOR_RETRY_SECONDS = 0.1
@@ -122,19 +121,6 @@ class Timing:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def settings_for(stack: Stack) -> Settings:
-    """What the stack's worker reads from its environment, for a pass run in this process."""
-    return Settings(
-        database_url=stack.config.database_url,
-        broker_url=stack.config.broker_url,
-        queue=stack.config.queue,
-        hub_api_url=stack.hub_api_url,
-        hub_api_token=stack.hub_token,
-        public_url=stack.public_url,
-        secret_key_file=stack.config.data_dir / "secret.key",
-    )
 
 
 def hub_names(hub: HubClient, prefix: str) -> set[str]:
@@ -364,7 +350,7 @@ def floor(stack: Stack, hub: HubClient, t: Timing, args: argparse.Namespace, dl:
 def hublaunch(
     stack: Stack, hub: HubClient, t: Timing, args: argparse.Namespace, dl: Deadline
 ) -> None:
-    settings = settings_for(stack)
+    settings = stack.settings()
     if args.pass_hub_timeout is not None:
         settings = settings.model_copy(update={"hub_request_timeout": args.pass_hub_timeout})
     t0 = time.perf_counter()

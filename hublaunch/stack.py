@@ -19,9 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
+
+from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_CONFIG = REPO / "hub" / "jupyterhub_config.py"
@@ -117,6 +120,22 @@ class Stack:
         )
         env.update(c.env)
         return env
+
+    def settings(self, **overrides: Any) -> Settings:
+        """The settings the stack's children read from their environment, for code run in the
+        calling process (tests, benchmarks)."""
+        c = self.config
+        return Settings(
+            database_url=c.database_url,
+            broker_url=c.broker_url,
+            queue=c.queue,
+            hub_api_url=self.hub_api_url,
+            hub_api_token=self.hub_token,
+            public_url=self.public_url,
+            secret_key_file=c.data_dir / "secret.key",
+            envs_dir=c.data_dir / "envs",
+            **overrides,
+        )
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.logs / f"{name}.log").open("ab")

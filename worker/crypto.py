@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from worker.settings import Settings
 
-__all__ = ["InvalidToken", "cipher"]
+__all__ = ["InvalidToken", "cipher", "reveal"]
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -36,6 +39,17 @@ def _key_from_file(path: Path) -> bytes:
 @functools.cache
 def _cipher(key: bytes) -> Fernet:
     return Fernet(key)
+
+
+def reveal(settings: Settings, ciphertext: str | None) -> str | None:
+    """The plaintext of a stored token; None when there is none or the key cannot read it."""
+    if not ciphertext:
+        return None
+    try:
+        return cipher(settings).decrypt(ciphertext.encode()).decode()
+    except InvalidToken:
+        log.error("a stored token does not decrypt with the configured key")
+        return None
 
 
 def cipher(settings: Settings) -> Fernet:

@@ -29,11 +29,11 @@ def _check_database(settings: Settings) -> str:
     return "ok"
 
 
-def _check_broker(settings: Settings) -> str:
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
+def _check_broker(broker: redis.Redis | None) -> str:
+    if broker is None:
         return "ok"  # the embedded filesystem broker has nothing to ping
     try:
-        redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        broker.ping()
     except redis.RedisError as e:
         log.warning("health: broker: %s", type(e).__name__)
         return "down"
@@ -53,7 +53,7 @@ def _check_hub(hub: HubClient) -> str:
 def health(request: Request, settings: SettingsDep) -> JSONResponse:
     checks = {
         "database": _check_database(settings),
-        "broker": _check_broker(settings),
+        "broker": _check_broker(request.app.state.broker),
         "hub": _check_hub(request.app.state.hub),
     }
     down = [name for name, state in checks.items() if state != "ok"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import Any
 
@@ -14,14 +13,13 @@ from api.deps import DbDep, SettingsDep
 from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
 from worker import launches
-from worker.crypto import InvalidToken, cipher
+from worker.crypto import reveal
 from worker.db import as_utc, session_scope
 from worker.enqueue import QueueUnavailable, send_teardown
 from worker.launcher import server_url
 from worker.models import Launch, Status
 from worker.settings import Settings
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/launches", tags=["launches"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -34,14 +32,8 @@ def _not_found() -> HTTPException:
 
 
 def _url_with_token(settings: Settings, launch: Launch) -> str | None:
-    if launch.status != Status.ready or not launch.token_ciphertext:
-        return None
-    try:
-        token = cipher(settings).decrypt(launch.token_ciphertext.encode()).decode()
-    except InvalidToken:
-        log.error("launch %s: stored token does not decrypt with the configured key", launch.id)
-        return None
-    return f"{server_url(settings, launch)}?token={token}"
+    token = reveal(settings, launch.token_ciphertext) if launch.status == Status.ready else None
+    return f"{server_url(settings, launch)}?token={token}" if token else None
 
 
 def view(settings: Settings, launch: Launch) -> LaunchView:

@@ -24,22 +24,8 @@ from worker.hub_client import HubClient, HubUnavailable
 from worker.launcher import LaunchContext
 from worker.launches import create_launch
 from worker.models import Launch, Status
-from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
-
-
-def settings_for(stack: Stack, **overrides: Any) -> Settings:
-    return Settings(
-        database_url=stack.config.database_url,
-        broker_url=stack.config.broker_url,
-        queue=stack.config.queue,
-        hub_api_url=stack.hub_api_url,
-        hub_api_token=stack.hub_token,
-        public_url=stack.public_url,
-        secret_key_file=stack.config.data_dir / "secret.key",
-        **overrides,
-    )
 
 
 @pytest.fixture
@@ -53,7 +39,7 @@ def run_pass(stack: Stack, hub: HubClient) -> Callable[..., list[Action]]:
         hub_client: Any = None,
         resend: Callable[[str], None] | None = None,
     ) -> list[Action]:
-        settings = settings_for(stack)
+        settings = stack.settings()
         moment = datetime.now(UTC) + timedelta(seconds=later)
         ctx = LaunchContext(
             settings=settings, hub=hub_client or hub, cipher=cipher(settings), clock=lambda: moment
@@ -156,7 +142,7 @@ def test_stuck_launches_fail_and_lost_ones_are_sent_again(
     from worker.celery_app import create_celery
     from worker.enqueue import LAUNCH_TASK
 
-    create_celery(settings_for(stack)).send_task(LAUNCH_TASK, args=[lost.id])
+    create_celery(stack.settings()).send_task(LAUNCH_TASK, args=[lost.id])
     assert read_events(api, lost.id)[-1]["phase"] == "ready"
 
 

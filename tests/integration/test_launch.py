@@ -22,7 +22,6 @@ from worker.db import session_scope
 from worker.enqueue import LAUNCH_TASK
 from worker.hub_client import HubClient
 from worker.models import Launch
-from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
 
@@ -200,7 +199,7 @@ def test_a_redelivered_task_changes_nothing(
     users = hub_user_names(hub)
 
     # What a broker does after a worker dies mid-task: the same message, again.
-    celery = create_celery(Settings(broker_url=stack.config.broker_url, queue=stack.config.queue))
+    celery = create_celery(stack.settings())
     celery.send_task(LAUNCH_TASK, args=[launch_id])
     celery.send_task(LAUNCH_TASK, args=[launch_id])
     # A marker launch sent after the duplicates: once it is ready, they have been consumed.

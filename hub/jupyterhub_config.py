@@ -56,11 +56,26 @@ c.JupyterHub.concurrent_spawn_limit = int(env.get("HUBLAUNCH_HUB_CONCURRENT_SPAW
 c.JupyterHub.active_server_limit = int(env.get("HUBLAUNCH_HUB_ACTIVE_SERVER_LIMIT", "0"))
 
 # -- spawning ---------------------------------------------------------------------
-spawner = env.get("HUBLAUNCH_HUB_SPAWNER", "local")
+# "sandbox" (the default): every session in its own box (hub/spawners.py, sandbox/).
+# "local": unsandboxed, as the Hub's own user: any visitor can read the service's secrets, so it
+# only starts with HUBLAUNCH_ALLOW_UNSANDBOXED=1 (hublaunch dev sets it, loudly, where no box
+# can be made). "fake": in-process stand-in servers for tests and benchmarks; runs no code.
+spawner = env.get("HUBLAUNCH_HUB_SPAWNER", "sandbox")
 c.JupyterHub.spawner_class = {
+    "sandbox": "hub.spawners.SandboxSpawner",
     "local": "hub.spawners.EnvironmentSpawner",
     "fake": "hub.spawners.FakeSpawner",
 }[spawner]
+if spawner == "sandbox":
+    from sandbox.box import unavailable
+
+    if (missing := unavailable()) is not None:
+        raise SystemExit(f"hublaunch: cannot sandbox sessions here: {missing}")
+elif spawner == "local" and env.get("HUBLAUNCH_ALLOW_UNSANDBOXED") != "1":
+    raise SystemExit(
+        "hublaunch: the 'local' spawner runs visitors' code as the Hub's own user; "
+        "set HUBLAUNCH_ALLOW_UNSANDBOXED=1 to run it anyway (trusted machines only)"
+    )
 # Answer the start request within a second (202 while pending); hublaunch then follows the
 # progress stream. JupyterHub reads this from tornado_settings, not as a JupyterHub trait.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 1}
@@ -76,8 +91,19 @@ c.ImageChoice.environments_dir = str(
     Path(env.get("HUBLAUNCH_ENVS_DIR", ".hublaunch/envs")).resolve()
 )
 c.EnvironmentSpawner.home_dir_template = str(data_dir / "homes" / "{username}")
+# Limits of each sandboxed session (mybinder.org gives 1-2 GB). Memory counts the home folder,
+# which lives in memory; a session past its memory is ended with the reason "out of memory".
+c.Spawner.mem_limit = env.get("HUBLAUNCH_SESSION_MEMORY", "2G")
+c.Spawner.cpu_limit = float(env.get("HUBLAUNCH_SESSION_CPUS", "1"))
+c.SandboxSpawner.pids_limit = int(env.get("HUBLAUNCH_SESSION_PIDS", "512"))
+c.SandboxSpawner.home_size = int(env.get("HUBLAUNCH_SESSION_HOME_BYTES", str(2**30)))
+c.SandboxSpawner.uid_min = int(env.get("HUBLAUNCH_SESSION_UID_MIN", "60000"))
+c.SandboxSpawner.uid_max = int(env.get("HUBLAUNCH_SESSION_UID_MAX", "60999"))
+c.SandboxSpawner.public_port = c.JupyterHub.port
+# Out-of-memory and dead boxes are noticed at the next poll.
+c.Spawner.poll_interval = 10
 # Binder clients on other sites (thebe, Jupyter Book) talk to the server from their own origin;
 # every request still needs the session's token. Set to "" to allow the server's own origin only.
 c.Spawner.args = [f"--ServerApp.allow_origin={env.get('HUBLAUNCH_SERVER_ALLOW_ORIGIN', '*')}"]
-if os.geteuid() == 0:
-    c.Spawner.args.append("--allow-root")
+if spawner == "local" and os.geteuid() == 0:
+    c.EnvironmentSpawner.args = [*c.Spawner.args, "--allow-root"]

@@ -1,4 +1,5 @@
-"""Imports go one way: api -> worker, hublaunch -> both; only three modules import Celery."""
+"""Imports go one way: api -> worker, hublaunch -> both, hub and worker -> sandbox; only three
+modules import Celery."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def test_only_the_queue_modules_import_celery(path: Path) -> None:
         assert not imports(path) & {"celery", "kombu"}, relative
 
 
-@pytest.mark.parametrize("path", sources("hub"), ids=str)
-def test_the_hub_side_imports_nothing_of_ours(path: Path) -> None:
+@pytest.mark.parametrize("path", sources("hub") + sources("sandbox"), ids=str)
+def test_the_hub_side_imports_nothing_of_ours_but_the_sandbox(path: Path) -> None:
     assert not imports(path) & {"api", "worker", "hublaunch"}
+
+
+@pytest.mark.parametrize("path", sources("sandbox"), ids=str)
+def test_the_sandbox_stands_alone(path: Path) -> None:
+    # The Hub and the worker both use it; it must not pull either in.
+    assert not imports(path) & {"api", "worker", "hublaunch", "hub"}

@@ -35,10 +35,15 @@ c.JupyterHub.allow_named_servers = True
 # -- the hublaunch service and the scopes it needs --------------------------------
 # admin:users - create and delete the temporary users and read their servers' activity;
 # servers     - start and stop their servers;
-# tokens      - issue each user a token scoped to its own server.
+# tokens      - issue each user a token scoped to its own server;
+# admin:server_state - read why a sandboxed server stopped (the spawner records "out of memory").
 c.JupyterHub.services = [{"name": "hublaunch", "api_token": env["HUBLAUNCH_HUB_API_TOKEN"]}]
 c.JupyterHub.load_roles = [
-    {"name": "hublaunch", "scopes": ["admin:users", "servers", "tokens"], "services": ["hublaunch"]}
+    {
+        "name": "hublaunch",
+        "scopes": ["admin:users", "servers", "tokens", "admin:server_state"],
+        "services": ["hublaunch"],
+    }
 ]
 
 # -- state ------------------------------------------------------------------------

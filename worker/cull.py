@@ -79,11 +79,12 @@ def cull_pass(
         if hub_users is not None:
             # Ready sessions whose user is still there but whose server stopped (it crashed,
             # or the Hub was restarted with cleanup_servers): nothing to come back to.
-            stopped = [u.name for u in hub_users.values() if not _running(u)]
-            for names in _chunks(stopped):
-                condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
-                for launch_id, user in _end(db, now, EndReason.gone, condition, dry_run):
-                    claimed.append(("stopped", user, launch_id))
+            stopped = _stopped_by_reason(ctx, hub_users)
+            for reason, stopped_names in stopped.items():
+                for names in _chunks(stopped_names):
+                    condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
+                    for launch_id, user in _end(db, now, reason, condition, dry_run):
+                        claimed.append(("stopped", user, launch_id))
             idle = _idle_names(ctx, hub_users, now)
             for names in _chunks(idle):
                 condition = Launch.hub_user.in_(names)
@@ -119,6 +120,24 @@ def cull_pass(
             "cull: %s %s %s: %s", action.category, action.user, action.launch_id, action.result
         )
     return actions
+
+
+def _stopped_by_reason(
+    ctx: LaunchContext, hub_users: dict[str, HubUser]
+) -> dict[EndReason, list[str]]:
+    """Users whose server stopped, by why: the sandbox records "out of memory" in the spawner's
+    state; anything else (a crash, a Hub restart without its servers) is "gone"."""
+    found: dict[EndReason, list[str]] = {EndReason.gone: [], EndReason.out_of_memory: []}
+    for user in hub_users.values():
+        if _running(user):
+            continue
+        try:
+            why = ctx.hub.stopped_reason(user.name)
+        except HubError:
+            why = ""
+        reason = EndReason.out_of_memory if why == "out of memory" else EndReason.gone
+        found[reason].append(user.name)
+    return found
 
 
 def _verb(category: str) -> str:

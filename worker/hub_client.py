@@ -230,6 +230,21 @@ class HubClient:
                 return
             offset = int(next_page["offset"])
 
+    def stopped_reason(self, name: str) -> str:
+        """Why the user's default server stopped, as its spawner recorded it ('' if unknown).
+
+        Stopped servers' spawner state is shown only with ``include_stopped_servers`` and to
+        holders of the ``admin:server_state`` scope.
+        """
+        try:
+            response = self._request(
+                "GET", f"users/{quote(name)}", params={"include_stopped_servers": "1"}
+            )
+        except HubNotFound:
+            return ""
+        server = (response.json().get("servers") or {}).get("") or {}
+        return str((server.get("state") or {}).get("end_reason") or "")
+
     # -- servers -------------------------------------------------------------
 
     def start_server(self, name: str, user_options: dict[str, Any]) -> bool:

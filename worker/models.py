@@ -65,6 +65,8 @@ class EndReason(enum.StrEnum):
     failed = "failed"
     orphan = "orphan"
     gone = "gone"
+    # The sandbox ended the session: it went past its memory limit.
+    out_of_memory = "out_of_memory"
 
 
 Timestamp = DateTime(timezone=True)

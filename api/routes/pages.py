@@ -19,6 +19,7 @@ WHY = {
     "requested": "It was ended on request.",
     "failed": "It did not start.",
     "gone": "It stopped running.",
+    "out_of_memory": "It ran out of memory: it used more than a session may, and was stopped.",
     "orphan": "It stopped running.",
 }
 

@@ -145,8 +145,14 @@ def real_stack(
     tmp_path_factory: pytest.TempPathFactory, make_database: Callable[[str], str], redis_url: str
 ) -> Iterator[Stack]:
     """A stack whose Hub runs real jupyterhub-singleuser servers."""
+    # Sandboxed, as shipped; 1 GiB per session so the out-of-memory test needs less memory.
     stack = start_stack(
-        tmp_path_factory, "real", make_database("real"), redis_url, spawner="local", env=LOCAL_REPOS
+        tmp_path_factory,
+        "real",
+        make_database("real"),
+        redis_url,
+        spawner="sandbox",
+        env={**LOCAL_REPOS, "HUBLAUNCH_SESSION_MEMORY": "1G"},
     )
     try:
         yield stack

@@ -618,6 +618,8 @@ def run_kind(
                 spawner=kind,
                 queue=queue,
                 beat=False,
+                # Recorded before the sandbox; sandboxed servers: --kinds sandbox.
+                env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if kind == "local" else {},
             )
         )
         print(f"[{kind}] starting the stack ({db_kind}; logs in {stack.logs}) ...", flush=True)
@@ -707,7 +709,10 @@ def report(timings: list[Timing], info: list[tuple[str, str]], args: argparse.Na
         rows = [t for t in timings if t.kind == kind]
         rounds = sorted({t.round for t in rows})
         n = rows[0].n
-        spawner = "real jupyterhub-singleuser" if kind == "local" else "fake (in the Hub)"
+        spawner = {
+            "local": "real jupyterhub-singleuser",
+            "sandbox": "real jupyterhub-singleuser, sandboxed",
+        }.get(kind, "fake (in the Hub)")
         print(f"\n{spawner}, N = {n}: seconds until every user is gone from the Hub")
         head = f"{'contender':<24}{'N':>5}" + "".join(f"{'round ' + str(r):>10}" for r in rounds)
         print(head + f"{'mean':>9}{'vs floor':>10}{'Hub CPU':>9}{'proxy CPU':>11}")
@@ -780,7 +785,7 @@ def report(timings: list[Timing], info: list[tuple[str, str]], args: argparse.Na
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kinds", default="local,fake", help="spawners: local,fake (both)")
+    parser.add_argument("--kinds", default="local,fake", help="spawners: local,sandbox,fake")
     parser.add_argument("--real-n", type=int, default=30, help="users with real servers (30)")
     parser.add_argument("--fake-n", type=int, default=200, help="users with fake servers (200)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, order alternating (2)")

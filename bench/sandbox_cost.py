@@ -1,0 +1,152 @@
+"""What the sandbox costs (issue 8): time-to-ready of a real server, sandboxed vs unsandboxed.
+
+Two stacks run side by side, each a JupyterHub with real ``jupyterhub-singleuser`` servers, an
+app and a worker on SQLite: one with the shipped ``SandboxSpawner`` (bubblewrap, per-session
+uid, namespaces, cgroups, the forwarders into its network namespace), one with the unsandboxed
+``EnvironmentSpawner`` (the baseline, as root). Launches alternate between them (the order flips
+each round) so drift on this shared machine hits both alike. Each launch is timed from POST to
+the ``ready`` event and ended afterwards. Then the same number of requests to each kind of
+server's REST API through the proxy, for the per-request cost of the forwarder.
+
+    .venv/bin/python bench/sandbox_cost.py [--n 10] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launch_overhead import (  # noqa: E402
+    BROKER_URL,
+    end_launch,
+    forget_queue,
+    header,
+    machine_info,
+    row,
+    summarize,
+)
+
+from hublaunch.stack import Stack, StackConfig  # noqa: E402
+
+TARGET_RATIO = 1.10
+TARGET_EXTRA_MS = 300.0
+STEP_TIMEOUT = 90.0
+
+
+def launch(client: httpx.Client) -> tuple[float, str, str]:
+    """(ms from POST to ready, launch id, server URL with token)."""
+    t0 = time.perf_counter()
+    response = client.post("/api/launches", json={"image": "default"})
+    response.raise_for_status()
+    launch_id = response.json()["id"]
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/launches/{launch_id}").json()
+        if status["status"] == "ready":
+            return (time.perf_counter() - t0) * 1000, launch_id, status["url"]
+        if status["status"] in ("failed", "ended"):
+            raise RuntimeError(f"launch {status['status']}: {status['error']}")
+        time.sleep(0.02)
+    raise RuntimeError(f"not ready within {STEP_TIMEOUT:.0f} s")
+
+
+def request_times(url_with_token: str, n: int) -> list[float]:
+    server, token = url_with_token.split("?token=")
+    times = []
+    with httpx.Client(headers={"Authorization": f"token {token}"}, timeout=30) as http:
+        http.get(f"{server}api/status").raise_for_status()  # warm the connection
+        for _ in range(n):
+            t0 = time.perf_counter()
+            http.get(f"{server}api/status").raise_for_status()
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+@contextlib.contextmanager
+def stacks(tmp: Path) -> Iterator[dict[str, Stack]]:
+    made: dict[str, Stack] = {}
+    try:
+        for kind, env in (("sandbox", {}), ("local", {"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"})):
+            data = tmp / kind
+            made[kind] = Stack(
+                StackConfig(
+                    data_dir=data,
+                    database_url=f"sqlite:///{data}/hublaunch.sqlite",
+                    broker_url=BROKER_URL,
+                    queue=f"bench-sandbox-{kind}-{secrets.token_hex(3)}",
+                    spawner=kind,
+                    beat=False,
+                    env=env,
+                )
+            ).start(timeout=90)
+        yield made
+    finally:
+        for stack in made.values():
+            stack.stop()
+            forget_queue(stack.config.queue)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=10, help="launches of each kind")
+    parser.add_argument("--requests", type=int, default=200, help="API requests per kind")
+    args = parser.parse_args(argv)
+    ready: dict[str, list[float]] = {"sandbox": [], "local": []}
+    latency: dict[str, list[float]] = {"sandbox": [], "local": []}
+    with tempfile.TemporaryDirectory(prefix="hublaunch-bench-") as tmp, stacks(Path(tmp)) as run:
+        clients = {k: httpx.Client(base_url=s.public_url, timeout=30) for k, s in run.items()}
+        # One warm-up launch each: first imports fill the page cache.
+        for client in clients.values():
+            _ms, launch_id, _url = launch(client)
+            end_launch(client, launch_id)
+        for i in range(args.n):
+            order = ["sandbox", "local"] if i % 2 == 0 else ["local", "sandbox"]
+            for kind in order:
+                ms, launch_id, url = launch(clients[kind])
+                ready[kind].append(ms)
+                if i == 0:
+                    latency[kind] = request_times(url, args.requests)
+                end_launch(clients[kind], launch_id)
+        for client in clients.values():
+            client.close()
+
+    for key, value in machine_info("SQLite"):
+        if key != "spawner":
+            print(f"{key:>10}: {value}")
+    print("   spawner: real jupyterhub-singleuser, SandboxSpawner vs EnvironmentSpawner")
+    print()
+    print(header("time-to-ready (POST -> ready)"))
+    box, bare = summarize(ready["sandbox"]), summarize(ready["local"])
+    print(row("sandboxed", box))
+    print(row("unsandboxed (baseline)", bare))
+    assert box is not None and bare is not None
+    extra, ratio = box.p50 - bare.p50, box.p50 / bare.p50
+    print(f"sandbox cost at p50: {extra:+.0f} ms, ratio {ratio:.3f}")
+    ok = ratio <= TARGET_RATIO and extra <= TARGET_EXTRA_MS
+    verdict = "met" if ok else "NOT met"
+    print(f"target <= {TARGET_RATIO:.2f}x and <= {TARGET_EXTRA_MS:.0f} ms: {verdict}")
+    print()
+    print(header("GET api/status through the proxy"))
+    lbox, lbare = summarize(latency["sandbox"]), summarize(latency["local"])
+    print(row("sandboxed", lbox))
+    print(row("unsandboxed (baseline)", lbare))
+    assert lbox is not None and lbare is not None
+    print(
+        f"forwarder cost at p50: {lbox.p50 - lbare.p50:+.2f} ms, ratio {lbox.p50 / lbare.p50:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

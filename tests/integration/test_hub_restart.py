@@ -1,4 +1,5 @@
-"""The shipped Hub config keeps sessions across a Hub restart (cleanup_servers = False)."""
+"""The shipped Hub config keeps sessions across a Hub restart (cleanup_servers = False): the
+restarted Hub finds each sandboxed session's box again and reopens its way in."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def production_hub(
         "restart",
         make_database("restart"),
         redis_url,
-        spawner="local",
+        spawner="sandbox",
         env={"HUBLAUNCH_HUB_CLEANUP_SERVERS": ""},
     )
     yield stack

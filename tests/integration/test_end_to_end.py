@@ -56,9 +56,9 @@ def test_launch_open_isolate_and_end_a_real_server(public: httpx.Client, real_st
         via_link = browser.get(f"{second['url']}?token={first['token']}")
         assert via_link.status_code != 200
 
-    # Ending the session stops the server and deletes the Hub user, and its files.
+    # Ending the session stops the server and deletes the Hub user. Sandboxed homes live in
+    # the box's memory: none is ever on the Hub's disk (test_sandbox checks what a box leaves).
     homes = real_stack.config.data_dir / "hub" / "homes"
-    assert (homes / first["user"]).is_dir()
     for launched in (first, second):
         assert public.delete(f"/api/launches/{launched['id']}").status_code == 202
     for launched in (first, second):

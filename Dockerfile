@@ -21,16 +21,20 @@ COPY api ./api
 COPY worker ./worker
 COPY hub ./hub
 COPY hublaunch ./hublaunch
+COPY sandbox ./sandbox
 COPY migrations ./migrations
-# repo2docker drives the Docker daemon of the `builder` service (docker-compose.yml).
-RUN pip install ".[repo2docker]"
+# repo2docker drives the Docker daemon of the `builder` service, DockerSpawner the session
+# containers of the `hub` service (docker-compose.yml).
+RUN pip install ".[repo2docker,docker]"
 
 # Everything runs as an unprivileged user. Its working directory holds the relative state:
-# .hublaunch/ (beat's schedule) and hub/ (the Hub's database, cookie secret and the sessions'
-# working directories); docker-compose.yml mounts volumes there.
+# .hublaunch/ (beat's schedule) and hub/ (the Hub's database and cookie secret);
+# docker-compose.yml mounts volumes there. Both are the service's alone (0700); a new named
+# volume starts with the mode and owner of the folder it is mounted on.
 RUN useradd --create-home --uid 10001 --user-group hublaunch \
     && mkdir -p /srv/hublaunch/.hublaunch /srv/hublaunch/hub \
-    && chown -R hublaunch:hublaunch /srv/hublaunch
+    && chown -R hublaunch:hublaunch /srv/hublaunch \
+    && chmod 0700 /srv/hublaunch/.hublaunch /srv/hublaunch/hub
 USER hublaunch
 WORKDIR /srv/hublaunch
 

@@ -52,8 +52,8 @@ bench: install ## run the benchmarks (figures go in docs/benchmarks.md)
 
 compose-check: ## validate docker-compose.yml (placeholder secrets; nothing is started)
 	@command -v docker-compose >/dev/null || { echo "install docker-compose (apt-get install docker-compose)"; exit 1; }
-	POSTGRES_PASSWORD=x HUBLAUNCH_HUB_API_TOKEN=x HUBLAUNCH_SECRET_KEY=x CONFIGPROXY_AUTH_TOKEN=x \
-	  docker-compose config -q
+	POSTGRES_PASSWORD=x REDIS_PASSWORD=x HUBLAUNCH_HUB_API_TOKEN=x HUBLAUNCH_SECRET_KEY=x \
+	  CONFIGPROXY_AUTH_TOKEN=x DOCKER_GID=0 docker-compose config -q
 
 clean: ## remove the venv, node_modules and local state
 	rm -rf $(VENV) node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -12,7 +12,9 @@ from pathlib import Path
 
 env = os.environ
 data_dir = Path(env.get("HUBLAUNCH_HUB_DATA_DIR", ".hublaunch/hub")).resolve()
-data_dir.mkdir(parents=True, exist_ok=True)
+# The Hub's database, cookie secret and pid files: the service's alone.
+data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+data_dir.chmod(0o700)
 
 # -- network: everything on loopback -------------------------------------------
 c.JupyterHub.ip = "127.0.0.1"
@@ -37,7 +39,9 @@ c.JupyterHub.allow_named_servers = True
 # servers     - start and stop their servers;
 # tokens      - issue each user a token scoped to its own server;
 # admin:server_state - read why a sandboxed server stopped (the spawner records "out of memory").
-c.JupyterHub.services = [{"name": "hublaunch", "api_token": env["HUBLAUNCH_HUB_API_TOKEN"]}]
+# Taken out of the Hub's environment once read: JupyterHub gives the proxy it starts a copy of
+# that environment, and nothing the Hub starts needs the service's token.
+c.JupyterHub.services = [{"name": "hublaunch", "api_token": env.pop("HUBLAUNCH_HUB_API_TOKEN")}]
 c.JupyterHub.load_roles = [
     {
         "name": "hublaunch",
@@ -70,6 +74,7 @@ c.JupyterHub.spawner_class = {
     "sandbox": "hub.spawners.SandboxSpawner",
     "local": "hub.spawners.EnvironmentSpawner",
     "fake": "hub.spawners.FakeSpawner",
+    "docker": "dockerspawner.DockerSpawner",  # docker-compose.yml: see the end of this file
 }[spawner]
 if spawner == "sandbox":
     from sandbox.box import unavailable
@@ -112,3 +117,47 @@ c.Spawner.poll_interval = 10
 c.Spawner.args = [f"--ServerApp.allow_origin={env.get('HUBLAUNCH_SERVER_ALLOW_ORIGIN', '*')}"]
 if spawner == "local" and os.geteuid() == 0:
     c.EnvironmentSpawner.args = [*c.Spawner.args, "--allow-root"]
+
+# -- Docker deployments (docker-compose.yml) ---------------------------------------------------
+# Each session is a container on a network of its own (HUBLAUNCH_DOCKER_NETWORK, internal) that
+# holds only this Hub's container: a session reaches the Hub (its API, and the proxy as any
+# visitor does) and nothing else of the service's.
+if spawner == "docker":
+    import re
+
+    import jupyterhub
+
+    # In its container: the sessions call the Hub API over their network.
+    c.JupyterHub.hub_ip = "0.0.0.0"  # noqa: S104
+    c.JupyterHub.hub_connect_ip = env.get("HUBLAUNCH_HUB_CONNECT_IP", "hub")
+    c.DockerSpawner.network_name = env["HUBLAUNCH_DOCKER_NETWORK"]
+    c.DockerSpawner.use_internal_ip = True  # the proxy reaches each server on that network
+    # Inside the session's container (c.Spawner.ip above is the Hub's loopback).
+    c.DockerSpawner.ip = "0.0.0.0"  # noqa: S104
+    c.DockerSpawner.remove = True  # a session's container goes with it
+    # repo2docker's images start a notebook server by default; the Hub needs its own server.
+    c.DockerSpawner.cmd = ["jupyterhub-singleuser"]
+    # user_options["image"] reaches an image only through this allowlist: `default`, and images
+    # hublaunch built (<HUBLAUNCH_IMAGE_PREFIX><name>:latest). Any other name is refused (400).
+    c.DockerSpawner.apply_user_options = lambda session, user_options: None  # start() reads it
+    default_image = env.get("HUBLAUNCH_DOCKER_DEFAULT_IMAGE") or (
+        "quay.io/jupyterhub/singleuser:{}.{}".format(*jupyterhub.version_info[:2])
+    )
+    image_prefix = env.get("HUBLAUNCH_IMAGE_PREFIX", "")
+    built_image = re.compile(re.escape(image_prefix) + r"[a-z0-9][a-z0-9-]{0,200}:latest")
+
+    def allowed_images(session):
+        allowed = {"default": default_image}
+        requested = session.user_options.get("image")
+        if image_prefix and isinstance(requested, str) and built_image.fullmatch(requested):
+            allowed[requested] = requested
+        return allowed
+
+    c.DockerSpawner.allowed_images = allowed_images
+    # Visitors' code: no capabilities, no gain through set-uid files, bounded processes (memory
+    # and CPUs: c.Spawner.mem_limit and cpu_limit above).
+    c.DockerSpawner.extra_host_config = {
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "pids_limit": int(env.get("HUBLAUNCH_SESSION_PIDS", "512")),
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -10,21 +12,35 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from hublaunch.stack import Stack, StackConfig, free_port, redis_answers
+from hublaunch.stack import (
+    Stack,
+    StackConfig,
+    free_port,
+    masked,
+    private_folder,
+    redis_answers,
+)
 from worker.settings import DATA_DIR, get_settings
 
 
-def choose_broker(data_dir: Path) -> tuple[str, str, subprocess.Popen[bytes] | None]:
-    """The configured Redis if it answers, else a private redis-server, else a filesystem queue."""
-    configured = get_settings().broker_url
-    if redis_answers(configured):
-        return configured, f"Redis at {configured}", None
-    server = shutil.which("redis-server")
-    if server:
-        port = free_port()
+def start_private_redis(server: str) -> tuple[str, subprocess.Popen[bytes]] | None:
+    """A redis-server of our own on a free loopback port, with a password made for this run.
+
+    The password reaches the server on its standard input (a command line is readable by every
+    user of the machine, /proc/<pid>/cmdline) and the children only inside the broker URL in
+    their environment; print ``masked(url)``, never the URL. None if it does not start.
+    """
+    password = secrets.token_urlsafe(32)
+    port = free_port()
+    config, feed = os.pipe()
+    os.write(feed, f"requirepass {password}\n".encode())  # far below a pipe's buffer
+    os.close(feed)
+    try:
         proc = subprocess.Popen(
+            # "-": read the configuration from stdin, then apply these (secret-free) options.
             [
                 server,
+                "-",
                 "--bind",
                 "127.0.0.1",
                 "--port",
@@ -34,24 +50,43 @@ def choose_broker(data_dir: Path) -> tuple[str, str, subprocess.Popen[bytes] | N
                 "--appendonly",
                 "no",
             ],
+            stdin=config,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
+            umask=0o077,
         )
-        url = f"redis://127.0.0.1:{port}/0"
-        for _ in range(50):
-            if redis_answers(url):
-                return url, f"a private redis-server on port {port}", proc
-            time.sleep(0.1)
-        proc.kill()
+    finally:
+        os.close(config)
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    for _ in range(50):
+        if redis_answers(url):
+            return url, proc
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    return None
+
+
+def choose_broker(
+    configured: str, data_dir: Path
+) -> tuple[str, str, subprocess.Popen[bytes] | None]:
+    """The configured Redis if it answers, else a private redis-server, else a filesystem queue.
+    Returns the broker URL (for the children's environment only), what to print, the server."""
+    if redis_answers(configured):
+        return configured, f"Redis at {masked(configured)}", None
+    server = shutil.which("redis-server")
+    if server and (private := start_private_redis(server)) is not None:
+        url, proc = private
+        return url, f"a private redis-server at {masked(url)}", proc
     folder = data_dir / "broker"
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     return f"filesystem://{folder}", f"the embedded filesystem queue in {folder}", None
 
 
 def run(*, port: int, spawner: str) -> int:
     settings = get_settings()
     data_dir = DATA_DIR.resolve()
-    broker, broker_note, redis_proc = choose_broker(data_dir)
+    broker, broker_note, redis_proc = choose_broker(settings.broker_url, data_dir)
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
@@ -71,7 +106,7 @@ def run(*, port: int, spawner: str) -> int:
     try:
         stack.start()
         print(f"hublaunch is running at {stack.public_url}/")
-        print(f"  database: {settings.database_url}")
+        print(f"  database: {masked(settings.database_url)}")
         print(f"  broker:   {broker_note}")
         print(f"  logs:     {stack.logs}/")
         print("Launch a session:")

@@ -1,8 +1,10 @@
 """Run a whole hublaunch stack as child processes: JupyterHub (API-only, with its proxy), the
 HTTP app, a Celery worker and beat. Used by ``hublaunch dev``, the integration tests and bench/.
 
-Every child listens on 127.0.0.1 on a free port; secrets reach children through their
-environment, never their command line.
+Every child listens on 127.0.0.1 on a free port. Secrets reach children through their
+environment, never their command line, and each child gets only the ones it uses
+(``SECRET_VARIABLES``). The data directory is the service's own: its folders 0700, its files
+0600 (the children run with umask 077; the worker's exception is explained at ``UMASKS``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,14 +23,41 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
+from sqlalchemy.engine import make_url
 
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_CONFIG = REPO / "hub" / "jupyterhub_config.py"
+
+# Variables that carry a secret (or say where one is kept), and the children that use each; any
+# other child never sees it, whether the stack set it or the caller's environment holds it.
+SECRET_VARIABLES: dict[str, frozenset[str]] = {
+    # The Hub's service token: the Hub registers it, the worker drives the Hub with it, the API's
+    # health check asks the Hub whether it is accepted (GET /hub/api/user).
+    "HUBLAUNCH_HUB_API_TOKEN": frozenset({"hub", "api", "worker"}),
+    # Between the Hub and the proxy it starts; nothing of hublaunch's talks to the proxy's API.
+    "CONFIGPROXY_AUTH_TOKEN": frozenset({"hub"}),
+    # The Hub's own database, when it is not the SQLite file in its data folder.
+    "HUBLAUNCH_HUB_DB_URL": frozenset({"hub"}),
+    # hublaunch's database: the API and the worker read and write launches; beat never connects.
+    "HUBLAUNCH_DATABASE_URL": frozenset({"api", "worker"}),
+    # The queue (its URL carries Redis's password): the API and beat send, the worker takes.
+    "HUBLAUNCH_BROKER_URL": frozenset({"api", "worker", "beat"}),
+    # The key of the tokens at rest: the worker encrypts them, the API decrypts them.
+    "HUBLAUNCH_SECRET_KEY": frozenset({"api", "worker"}),
+    "HUBLAUNCH_SECRET_KEY_FILE": frozenset({"api", "worker"}),
+}
+# Files a child creates are its owner's only (0600, folders 0700). The worker is the exception:
+# the environments it builds under envs/ are read by sandboxed sessions running as other uids.
+# What else it writes is private anyway: the key file is created 0600 explicitly, the SQLite
+# database is created 0600 by the stack, and everything is inside the 0700 data directory.
+CHILD_UMASK = 0o077
+UMASKS = {"worker": 0o022}
 
 
 def free_port() -> int:
@@ -48,6 +78,39 @@ def find_proxy() -> str:
     return found
 
 
+def masked(url: str) -> str:
+    """The URL with its password, if any, replaced by ***: what may be printed or logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def private_folder(folder: Path) -> None:
+    """The folder, made if missing, 0700; the regular files directly in it that we own, 0600.
+    Nothing below is touched: session homes and built environments keep the modes their owners
+    gave them (sandboxed sessions run as other uids)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    for entry in folder.iterdir():
+        info = entry.lstat()
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            entry.chmod(0o600)
+
+
+def _private_sqlite(url: str) -> None:
+    """Create hublaunch's SQLite file 0600 before the migrations do with the default mode
+    (SQLite gives its journal and WAL files the database file's mode)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def redis_answers(url: str) -> bool:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
@@ -62,7 +125,7 @@ class StackConfig:
     database_url: str
     broker_url: str
     public_port: int = 0
-    spawner: str = "local"  # "local" (real jupyterhub-singleuser) or "fake" (in the Hub)
+    spawner: str = "sandbox"  # "sandbox" (real servers, boxed), "local" (unboxed) or "fake"
     queue: str = "launches"
     worker_concurrency: int = 16
     beat: bool = True
@@ -80,16 +143,21 @@ class Stack:
     def __post_init__(self) -> None:
         c = self.config
         c.data_dir = c.data_dir.resolve()
-        c.data_dir.mkdir(parents=True, exist_ok=True)
+        # The service's own files (databases, key, the Hub's cookie secret, logs, schedule, pid
+        # files): 0700 folders, 0600 files, an existing data directory included.
+        for folder in (c.data_dir, c.data_dir / "logs", c.data_dir / "hub"):
+            private_folder(folder)
         self.public_port = c.public_port or free_port()
         self.hub_port, self.proxy_api_port, self.app_port = free_port(), free_port(), free_port()
         self.public_url = f"http://127.0.0.1:{self.public_port}"
         self.app_url = f"http://127.0.0.1:{self.app_port}"
         self.hub_api_url = f"{self.public_url}/hub/api"
         self.logs = c.data_dir / "logs"
-        self.logs.mkdir(exist_ok=True)
 
-    def environ(self) -> dict[str, str]:
+    def environ(self, child: str = "worker") -> dict[str, str]:
+        """The environment of one child (``hub``, ``api``, ``worker``, ``beat``), holding only
+        the secrets it uses. The worker's is also what one-off commands (``hublaunch cull``)
+        need."""
         c = self.config
         env = dict(os.environ)
         proxy_dir = str(Path(find_proxy()).parent) if c.hub else ""
@@ -119,6 +187,9 @@ class Stack:
             }
         )
         env.update(c.env)
+        for name, readers in SECRET_VARIABLES.items():
+            if child not in readers:
+                env.pop(name, None)
         return env
 
     def settings(self, **overrides: Any) -> Settings:
@@ -138,10 +209,14 @@ class Stack:
         )
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
+        path = self.logs / f"{name}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log from before the data directory was made private
+        log = os.fdopen(fd, "ab")
         self.procs[name] = subprocess.Popen(
             args,
-            env=self.environ(),
+            env=self.environ(name),
+            umask=UMASKS.get(name, CHILD_UMASK),
             # The caller's directory, so relative paths in settings mean the same in every child.
             cwd=os.getcwd(),
             stdout=log,
@@ -154,6 +229,7 @@ class Stack:
     def start(self, timeout: float = 60.0) -> Stack:
         from worker.migrate import upgrade
 
+        _private_sqlite(self.config.database_url)
         upgrade(self.config.database_url)
         hublaunch = [sys.executable, "-m", "hublaunch.cli"]
         if self.config.hub:

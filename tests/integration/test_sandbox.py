@@ -153,13 +153,14 @@ def test_a_session_cannot_read_the_services_files_or_processes(
 ) -> None:
     files = service_files(real_stack)
     host_pids = [p.pid for p in real_stack.procs.values()]
+    config = Path.cwd() / "hub" / "jupyterhub_config.py"
     body = f"""
     probe("control: own home", lambda: write(os.path.expanduser("~/mine")) and read("mine"))
     probe("control: the environment", lambda: read(os.__file__))
     for path in {[str(f) for f in files]!r}:
         probe("read " + path, lambda: read(path))
     probe("list the data folder", lambda: os.listdir({str(real_stack.config.data_dir)!r}))
-    probe("the repository's config", lambda: read({str(Path.cwd() / "hub" / "jupyterhub_config.py")!r}))
+    probe("the repository's config", lambda: read({str(config)!r}))
     probe("the repository's .hublaunch", lambda: os.listdir({str(Path.cwd() / ".hublaunch")!r}))
     results["listed: repository"] = "OK:" + json.dumps(os.listdir({str(Path.cwd())!r}))
     results["listed: /root"] = "OK:" + json.dumps(os.listdir("/root"))

@@ -20,6 +20,7 @@ from hublaunch.stack import (
     private_folder,
     redis_answers,
 )
+from sandbox.box import unavailable
 from worker.settings import DATA_DIR, get_settings
 
 
@@ -83,10 +84,29 @@ def choose_broker(
     return f"filesystem://{folder}", f"the embedded filesystem queue in {folder}", None
 
 
+UNSANDBOXED = (
+    "NOT SANDBOXED ({why}): every session runs as this user and can read this stack's "
+    "secrets and files. Use it only on a trusted machine; nothing listens beyond 127.0.0.1."
+)
+
+
+def choose_spawner(requested: str) -> tuple[str, str]:
+    """The spawner to run and a line for the banner. Sandboxed where a box can be made; else,
+    said loudly, the unsandboxed spawner on loopback only."""
+    if requested != "sandbox":
+        why = "--spawner fake: stand-in servers, no code runs" if requested == "fake" else ""
+        return requested, why or UNSANDBOXED.format(why="--spawner local")
+    missing = unavailable()
+    if missing is None:
+        return "sandbox", "sandboxed (own uid, namespaces, no network but the Hub API, limits)"
+    return "local", UNSANDBOXED.format(why=missing)
+
+
 def run(*, port: int, spawner: str) -> int:
     settings = get_settings()
     data_dir = DATA_DIR.resolve()
     broker, broker_note, redis_proc = choose_broker(settings.broker_url, data_dir)
+    spawner, sandbox_note = choose_spawner(spawner)
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
@@ -96,6 +116,7 @@ def run(*, port: int, spawner: str) -> int:
             spawner=spawner,
             # One queue per public port: two dev stacks on one Redis never take each other's work.
             queue=f"{settings.queue}-{port}",
+            env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if spawner == "local" else {},
         )
     )
 
@@ -109,6 +130,7 @@ def run(*, port: int, spawner: str) -> int:
         print(f"  database: {masked(settings.database_url)}")
         print(f"  broker:   {broker_note}")
         print(f"  logs:     {stack.logs}/")
+        print(f"  sessions: {sandbox_note}")
         print("Launch a session:")
         print(
             f"  curl -si -X POST {stack.public_url}/api/launches "

@@ -65,13 +65,20 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"Request body must be at most {limit} bytes."}, 413)
 
 
+# What to send instead, for the type errors of the strict launch request.
+TYPE_HINTS = {
+    "int_type": "must be a JSON integer such as 3600 (not a string, a fraction or true/false)",
+    "string_type": "must be a JSON string",
+    "extra_forbidden": "unknown field; allowed fields are image, repo, ref, lifetime",
+}
+
+
 def _describe(errors: list[Any]) -> str:
     parts = []
     for error in errors:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field; allowed fields are image, repo, ref, lifetime"
+        message = TYPE_HINTS.get(str(error.get("type")), message)
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 
@@ -122,6 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/api/docs",
         redoc_url=None,
         lifespan=lifespan,
+        # Starlette's slash redirects write an absolute Location from the Host header, which
+        # any visitor controls; a wrong slash is a plain 404 instead.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -22,7 +22,9 @@ MAX_IMAGE_LENGTH = 255
 class LaunchRequest(BaseModel):
     """Either ``image`` (a ready image) or ``repo`` + ``ref`` (built by hublaunch)."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # Strict: no coercion, so "lifetime": true or "60" is refused rather than read as 1 or 60,
+    # and image/repo/ref must be JSON strings.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
     image: str | None = Field(
         None, description="A ready image, `name[:tag]`, e.g. `default`.", examples=["default"]

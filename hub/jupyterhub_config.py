@@ -7,10 +7,18 @@ Secrets come from the environment only: HUBLAUNCH_HUB_API_TOKEN (the service tok
 CONFIGPROXY_AUTH_TOKEN (read by the Hub and the proxy themselves).
 """
 
+import logging
 import os
 from pathlib import Path
 
+from hub.redact import install as redact_tokens_in_logs
+
 env = os.environ
+
+# tornado's warnings print a refused request's whole URI, ?token= included (JupyterHub scrubs
+# only its own request log): redact every log record of the Hub process. Sandboxed sessions'
+# output reaches the Hub's log through the spawner, which redacts it the same way.
+redact_tokens_in_logs(logging.getLogger("JupyterHub"))
 data_dir = Path(env.get("HUBLAUNCH_HUB_DATA_DIR", ".hublaunch/hub")).resolve()
 # The Hub's database, cookie secret and pid files: the service's alone.
 data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

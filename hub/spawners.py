@@ -29,6 +29,7 @@ from tornado.httpserver import HTTPServer
 from traitlets import Dict, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
+from hub.redact import redact
 from sandbox import box as boxes
 from sandbox.cgroups import Limits
 from sandbox.netns import Bridge
@@ -159,6 +160,7 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
     _box: boxes.Box | None = None
     _bridge: Bridge | None = None
     _ns_fd: int | None = None
+    _output: asyncio.Task[None] | None = None
     uid: int | None = None
     host_port: int = 0
     end_reason: str = ""
@@ -269,13 +271,36 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
         self.hub_connect_url = f"http://127.0.0.1:{self.inner_hub_port}"
         try:
             spec = self.spec(prefix, uid, self.box_env(prefix, uid))
-            self._box = await asyncio.to_thread(boxes.start, spec)
+            read_end, write_end = os.pipe()
+            try:
+                self._box = await asyncio.to_thread(boxes.start, spec, stdout=write_end)
+            finally:
+                os.close(write_end)
+            self._output = asyncio.create_task(self._relay_output(read_end))
             await self._attach()
             self._box.release()
         except BaseException:
             await self._end()
             raise
         return ("127.0.0.1", self.host_port)
+
+    async def _relay_output(self, fd: int) -> None:
+        """Copy the box's output (the server's log, anything its processes print) into the
+        Hub's log, line by line, with tokens masked: the server logs refused requests with
+        their whole URL, ``?token=`` included."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while line := await reader.readline():
+                sys.stderr.write(redact(line.decode(errors="replace")))
+        except ValueError:  # a line past the limit: the rest of it is dropped
+            pass
+        finally:
+            transport.close()
 
     async def _attach(self) -> None:
         """Open the box's forwarders: host port -> its server, its Hub port -> the proxy."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 
 def _migrate(_args: argparse.Namespace) -> int:
@@ -17,6 +18,21 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn serves the app (the tests start a server with the same options)."""
+    from api.logs import uvicorn_log_config
+
+    return {
+        "log_level": settings.log_level.lower(),
+        # The access log prints /user/<gone>/?token=… (the app is the proxy's default route).
+        "log_config": uvicorn_log_config(),
+        # X-Forwarded-For/-Proto (the visitor's address and scheme) only from the proxy's
+        # addresses; from anyone else they are ignored. Generated URLs use public_url anyway.
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+    }
+
+
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -25,10 +41,7 @@ def _api(args: argparse.Namespace) -> int:
         factory=True,
         host=args.host,
         port=args.port,
-        log_level=get_settings().log_level.lower(),
-        # Behind the proxy: trust its X-Forwarded-* so generated URLs use the public address.
-        proxy_headers=True,
-        forwarded_allow_ips=get_settings().forwarded_allow_ips,
+        **uvicorn_options(get_settings()),
     )
     return 0
 
@@ -107,12 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     cull.set_defaults(func=_cull)
     dev = sub.add_parser("dev", help="run the whole local stack")
     dev.add_argument("--port", type=int, default=8000)
-    dev.add_argument("--spawner", default="local", choices=["local", "fake"])
+    dev.add_argument(
+        "--spawner",
+        default="sandbox",
+        choices=["sandbox", "local", "fake"],
+        help="sandbox (default; falls back to local, loudly, where no box can be made), "
+        "local (unsandboxed) or fake (stand-in servers)",
+    )
     dev.set_defaults(func=_dev)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from api.logs import install_everywhere
+
+    install_everywhere()  # no token in any log line of any command
     return int(args.func(args))
 
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def _key_from_file(path: Path) -> bytes:
     # Development convenience: one key per data directory, readable by its owner only.
     # O_EXCL makes the first writer win when the API and a worker start at the same moment.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A folder made here is the owner's alone too (the database and logs live beside the key).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -3,9 +3,11 @@
 Nothing here lets a URL or ref become an option to git (BinderHub's CVE-2021-39159 was exactly
 that): both are checked to not start with ``-`` and are passed after ``--``. Hosts that resolve
 to loopback, private, link-local or otherwise non-public addresses are refused (SSRF) unless
-local repositories are allowed; the checked addresses are pinned for git's connection
+local repositories are allowed, and so are IPv6 addresses that carry such an IPv4 address
+(NAT64, 6to4, Teredo, IPv4-mapped). The checked addresses are pinned for git's connection
 (``http.curloptResolve``), and git is told not to follow redirects, so a redirect or a DNS
-change between the check and the fetch cannot reach an internal address.
+change between the check and the fetch cannot reach an internal address. ``git://`` is refused:
+git opens that connection itself, so the pin (a curl option) cannot hold it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*@\{)[^\x00-\x20~^:?*\[\\]{1,255}$")
 OWNER_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
 MAX_URL = 2048
+# IPv6 ranges that reach an IPv4 address (RFC 6052, 3056, 4380, 4291). Python's is_global looks
+# at the IPv6 range only: 64:ff9b::10.0.0.1 (NAT64 to a private host) counts as global.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Local-use NAT64 (RFC 8215): the operator's own translator, the IPv4 position varies; refused.
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+# Deprecated IPv4-compatible addresses (::a.b.c.d); :: and ::1 are caught as non-global anyway.
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 class SpecError(ValueError):
@@ -62,8 +71,16 @@ def normalize(repo: str, ref: str | None, settings: Settings) -> RepoSpec:
         raise SpecError(f"repo URLs are at most {MAX_URL} characters")
     if repo.startswith("-") or any(c.isspace() or ord(c) < 32 for c in repo):
         raise SpecError("repo must be a URL such as https://host/owner/repo")
-    allowed = {"https", "git"} | ({"http", "file"} if settings.allow_local_repos else set())
+    # git:// is refused: git connects by itself (not through curl), so http.curloptResolve
+    # cannot pin it to the checked address and a DNS change could point it inside; it is also
+    # unencrypted. Local mode checks no address, so it may use it.
+    allowed = {"https"} | ({"http", "file", "git"} if settings.allow_local_repos else set())
     parts = urlsplit(repo)
+    if parts.scheme == "git" and "git" not in allowed:
+        raise SpecError(
+            "git:// URLs are not accepted (unencrypted, and their connection cannot be pinned "
+            "to the checked address); use the repository's https:// URL"
+        )
     if parts.scheme not in allowed:
         raise SpecError(f"repo URL scheme must be one of: {', '.join(sorted(allowed))}")
     if parts.scheme != "file" and not parts.hostname:
@@ -93,9 +110,23 @@ def check_host(url: str, settings: Settings) -> list[str]:
     addresses = sorted({str(info[4][0]) for info in infos})
     if not settings.allow_local_repos:
         for address in addresses:
-            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            if not is_public(ipaddress.ip_address(address.split("%")[0])):
                 raise SpecError(f"repo host {host!r} is not a public address; it is refused")
     return addresses
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global, and for IPv6 also every IPv4 address it leads to."""
+    if not address.is_global:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return True
+    if address in LOCAL_NAT64 or address in IPV4_COMPATIBLE:
+        return False
+    embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if address in NAT64:
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(ip.is_global for ip in embedded if ip is not None)
 
 
 def git_env() -> dict[str, str]:
@@ -115,13 +146,25 @@ def git_options(url: str, addresses: list[str], settings: Settings) -> list[str]
     """`-c` options that pin the checked addresses and refuse redirects and other protocols."""
     options = ["-c", "http.followRedirects=false", "-c", "protocol.ext.allow=never"]
     if not settings.allow_local_repos:
-        options += ["-c", "protocol.file.allow=never"]
+        options += ["-c", "protocol.file.allow=never", "-c", "protocol.git.allow=never"]
     parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and addresses:
+    host = parts.hostname or ""
+    # An IP literal is never looked up, so there is nothing to pin (and curl cannot parse an
+    # entry whose HOST is an IPv6 literal). IPv6 addresses are bracketed, the form curl
+    # documents for CURLOPT_RESOLVE ("HOST:PORT:[ADDR]").
+    if parts.scheme in ("http", "https") and addresses and not _is_ip_literal(host):
         port = parts.port or (443 if parts.scheme == "https" else 80)
         pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
-        options += ["-c", f"http.curloptResolve={parts.hostname}:{port}:{pinned}"]
+        options += ["-c", f"http.curloptResolve={host}:{port}:{pinned}"]
     return options
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def resolve(spec: RepoSpec, settings: Settings) -> str:

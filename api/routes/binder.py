@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,53 @@ aria-label="launch: hublaunch"><title>launch: hublaunch</title>
 <g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11">
 <text x="24" y="14">launch</text><text x="78" y="14">hublaunch</text></g></svg>"""
 
+# ?urlpath= and ?labpath= say where to land in the session's server, and the visitor's token
+# goes with that URL: nothing may make it resolve outside /user/<name>/ (another session's
+# server, another host). Browsers read %2e as a dot and "\" as "/" and drop tabs and newlines,
+# so those count too. Escapes are checked in the path only: a query (nbgitpuller's
+# git-pull?repo=https%3A%2F%2F...) cannot move the URL.
+MAX_SERVER_PATH = 2048
+PATH_ESCAPES = re.compile(r"%(2e|2f|5c|25)", re.IGNORECASE)
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class BadServerPath(ValueError):
+    """The path would leave the session's own server; the message says what to fix."""
+
+
+def server_path(name: str, value: str) -> str:
+    """``value`` (a path relative to the session's server) if it stays inside that server."""
+    path = re.split(r"[?#]", value, maxsplit=1)[0]
+    if len(value) > MAX_SERVER_PATH:
+        problem = f"must be at most {MAX_SERVER_PATH} characters"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        problem = "must not contain control characters"
+    elif "\\" in value:
+        problem = "must not contain backslashes; use '/'"
+    elif value.startswith("/"):
+        problem = "must be relative to the session's server, without a leading '/'"
+    elif SCHEME.match(value):
+        problem = "must be a path in the session's server, not a URL"
+    elif PATH_ESCAPES.search(path):
+        problem = "must not contain escaped dots, slashes or percent signs (%2e, %2f, %5c, %25)"
+    elif ".." in path.split("/"):
+        problem = "must not contain '..' segments"
+    else:
+        return value
+    raise BadServerPath(f"{name} {problem}, e.g. {name}=lab/tree/index.ipynb")
+
+
+def cors_headers(settings: Settings, origin: str | None) -> dict[str, str]:
+    """Access-Control-Allow-Origin for the /build stream: "*", or the request's origin when it
+    is one of the configured ones (comma-separated); other origins get none."""
+    allowed = {o.strip() for o in settings.cors_allow_origin.split(",") if o.strip()}
+    if "*" in allowed:
+        return {"Access-Control-Allow-Origin": "*"}
+    # The answer depends on Origin: a shared cache must not serve one origin's to another.
+    if origin is not None and origin in allowed:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {"Vary": "Origin"}
+
 
 @router.get(
     "/build/{provider}/{spec:path}",
@@ -38,7 +86,7 @@ def build(request: Request, settings: SettingsDep) -> Response:
     headers = {
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
-        "Access-Control-Allow-Origin": settings.cors_allow_origin,
+        **cors_headers(settings, request.headers.get("Origin")),
     }
     try:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
@@ -91,13 +139,18 @@ def launch_page(request: Request) -> HTMLResponse:
         spec.request()
     except binder.BadSpec as e:
         return page(request, "not_found.html", 404, message=f"This launch link is not valid: {e}")
+    try:
+        urlpath = server_path("urlpath", request.query_params.get("urlpath", ""))
+        labpath = server_path("labpath", request.query_params.get("labpath", ""))
+    except BadServerPath as e:
+        return page(request, "bad_link.html", 400, message=str(e))
     return page(
         request,
         "launch.html",
         build_path=f"/build/{spec.path}",
         link=f"/v2/{spec.path}",
-        urlpath=request.query_params.get("urlpath", ""),
-        labpath=request.query_params.get("labpath", ""),
+        urlpath=urlpath,
+        labpath=labpath,
     )
 
 

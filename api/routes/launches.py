@@ -73,14 +73,20 @@ def create_launch(
         launch = intake.accept(db, settings, body)
     except intake.Refused as e:
         raise HTTPException(e.status, e.message) from e
-    status_url = str(request.url_for("get_launch", launch_id=launch.id))
+    status_url = public_url(request, settings, "get_launch", launch_id=launch.id)
     response.headers["Location"] = status_url
     return LaunchAccepted(
         id=launch.id,
         status=Status(launch.status),
         status_url=status_url,
-        events_url=str(request.url_for("launch_events", launch_id=launch.id)),
+        events_url=public_url(request, settings, "launch_events", launch_id=launch.id),
     )
+
+
+def public_url(request: Request, settings: Settings, name: str, **params: str) -> str:
+    """A route's URL on the public address, never on the request's Host header: any visitor
+    can send one, and a poisoned Location or status_url would send its readers elsewhere."""
+    return settings.public_url + str(request.app.url_path_for(name, **params))
 
 
 @router.get("/{launch_id}", response_model=LaunchView, responses=NOT_FOUND)

@@ -30,11 +30,34 @@
     return source;
   }
 
+  // A path inside the session's server: no "..", no escaped dot, slash, backslash or percent
+  // (browsers read %2e as "."), no backslash (read as "/"), no leading "/", no scheme, no
+  // control characters (tabs and newlines are dropped, joining what they split). The page
+  // refuses such links too (api/routes/binder.py); this is the same rule, for the form's path.
+  function isServerPath(path) {
+    var beforeQuery = path.split(/[?#]/)[0];
+    return !/[\u0000-\u001f\u007f\\]/.test(path) &&
+           !/^\//.test(path) &&
+           !/^[a-z][a-z0-9+.\-]*:/i.test(path) &&
+           !/%(2e|2f|5c|25)/i.test(beforeQuery) &&
+           beforeQuery.split("/").indexOf("..") === -1;
+  }
+
+  // The URL to open, with the token. The token opens this session's server, so the URL is
+  // resolved the way the browser will and must stay under it; anything else opens its root.
   function serverUrl(event, urlpath, labpath) {
+    var base = new URL(event.url);
     var path = urlpath || (labpath ? "lab/tree/" + labpath : "");
-    path = path.replace(/^\/+/, "");
-    var sep = path.indexOf("?") === -1 ? "?" : "&";
-    return event.url + path + sep + "token=" + encodeURIComponent(event.token);
+    var target = new URL(base.href);
+    if (path && isServerPath(path)) {
+      var candidate = new URL(path, base);
+      if (candidate.origin === base.origin && candidate.pathname.indexOf(base.pathname) === 0) {
+        target = candidate;
+      }
+    }
+    var query = target.search ? target.search + "&" : "?";
+    target.search = query + "token=" + encodeURIComponent(event.token);
+    return target.href;
   }
 
   function providerSpec(kind, repo, ref, image) {
@@ -51,6 +74,7 @@
   }
 
   window.HubLaunch = {
+    serverUrl: serverUrl,  // for tests
     page: function (buildPath, urlpath, labpath) {
       follow(buildPath, function (event) {
         window.location.href = serverUrl(event, urlpath, labpath);
@@ -75,14 +99,14 @@
       form.addEventListener("submit", function (e) {
         e.preventDefault();
         var kind = form.kind.value, repo = $("repo").value.trim();
-        if (kind === "repo" && !repo) {
-          $("form-error").textContent = "Give a repository URL, or choose an image.";
-          $("form-error").hidden = false;
-          return;
-        }
-        $("form-error").hidden = true;
+        var path = $("path").value.trim().replace(/^\/+/, "");  // relative to the server
+        var problem = kind === "repo" && !repo ? "Give a repository URL, or choose an image." :
+          path && !isServerPath(path) ? "The path must stay inside the session: no '..', " +
+            "backslashes, escaped dots or slashes (%2e, %2f), or URLs." : "";
+        $("form-error").textContent = problem;
+        $("form-error").hidden = !problem;
+        if (problem) { return; }
         var spec = providerSpec(kind, repo, $("ref").value.trim(), $("image").value.trim());
-        var path = $("path").value.trim();
         var link = publicUrl + "/v2/" + spec + (path ? "?labpath=" + encodeURIComponent(path) : "");
         $("link").value = link;
         $("badge").value = "[![launch](" + publicUrl + "/badge.svg)](" + link + ")";

@@ -56,7 +56,9 @@ def write(path):
 def probe(session: dict[str, Any], body: str) -> dict[str, str]:
     code = PROBES + textwrap.dedent(body) + "\nprint(json.dumps(results))\n"
     output = run_code(session["server"], session["token"], code)
-    return dict(json.loads(output.strip().splitlines()[-1]))
+    # ipykernel also forwards what its processes write to fd 1 and 2: take the probe's line.
+    line = next(x for x in reversed(output.splitlines()) if x.startswith("{"))
+    return dict(json.loads(line))
 
 
 def launch(api: httpx.Client) -> dict[str, Any]:
@@ -355,3 +357,23 @@ def test_a_session_past_its_memory_is_ended_as_out_of_memory_and_leaves_nothing(
     # And the service goes on.
     after = launch(api)
     api.delete(f"/api/launches/{after['id']}")
+
+
+def test_no_token_reaches_a_log(
+    real_stack: Stack, sessions: list[dict[str, Any]], api: httpx.Client
+) -> None:
+    first, second = sessions
+    # Refused requests are logged with their URL: the servers' 403s, the Hub's, the app's.
+    with httpx.Client(timeout=30, follow_redirects=False) as browser:
+        assert browser.get(f"{second['server']}api/status?token={first['token']}").status_code
+        browser.get(f"{first['server']}api/contents?token={first['token']}")
+        for path in ("", "lab", "api/kernels", "files/x"):
+            browser.get(f"{second['server']}{path}?token={first['token']}")
+        browser.get(f"{real_stack.hub_api_url}/users/nobody?token={first['token']}")
+        browser.get(f"{real_stack.public_url}/user/hl-gone/?token={first['token']}")
+    own = probe(first, 'results["own"] = "OK:" + os.environ["JUPYTERHUB_API_TOKEN"]')["own"][3:]
+    tokens = [first["token"], second["token"], own, *secrets_of(real_stack)]
+    for log in real_stack.logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        leaked = [t[:6] for t in tokens if t in text]
+        assert not leaked, f"{log.name} holds tokens starting {leaked}"

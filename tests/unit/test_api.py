@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 
 import pytest
@@ -65,10 +66,19 @@ BAD_BODIES: list[tuple[object, int, str]] = [
     ({"image": "default", "surprise": 1}, 422, "surprise: unknown field"),
     ({"image": 42}, 422, "image"),
     ({"image": "default", "lifetime": 0}, 422, "lifetime"),
+    # Strict types: nothing is coerced (true would be 1 second, "60" would be 60).
+    ({"image": "default", "lifetime": True}, 422, "lifetime: must be a JSON integer"),
+    ({"image": "default", "lifetime": "60"}, 422, "lifetime: must be a JSON integer"),
+    ({"image": "default", "lifetime": 60.5}, 422, "lifetime: must be a JSON integer"),
+    ({"image": True}, 422, "image: must be a JSON string"),
+    ({"image": ["default"]}, 422, "image: must be a JSON string"),
+    ({"repo": {"url": "gh:o/r"}}, 422, "repo: must be a JSON string"),
+    ({"repo": "gh:o/r", "ref": 1}, 422, "ref: must be a JSON string"),
     ({"image": "default", "lifetime": 10**9}, 422, "at most 21600"),
     ({"image": "default", "ref": "main"}, 422, "'ref' goes with 'repo'"),
     ({"image": "default", "repo": "https://example.org/x"}, 422, "exactly one"),
-    ({"repo": "http://example.org/x"}, 422, "scheme must be one of: git, https"),
+    ({"repo": "http://example.org/x"}, 422, "scheme must be one of: https"),
+    ({"repo": "git://example.org/x"}, 422, "git:// URLs are not accepted"),
     ({"repo": "file:///etc"}, 422, "scheme must be one of"),
     ({"repo": "gh:not-a-pair"}, 422, "'gh:' takes owner/repo"),
     ({"repo": "-uhttps://x/y"}, 422, "must be a URL"),
@@ -76,6 +86,8 @@ BAD_BODIES: list[tuple[object, int, str]] = [
     ({"repo": "https://10.1.2.3/x"}, 422, "not a public address"),
     ({"repo": "https://169.254.169.254/latest"}, 422, "not a public address"),
     ({"repo": "https://[::1]/x"}, 422, "not a public address"),
+    ({"repo": "https://[64:ff9b::a9fe:a9fe]/latest"}, 422, "not a public address"),  # NAT64
+    ({"repo": "https://[2002:a00:1::1]/x"}, 422, "not a public address"),  # 6to4 -> 10.0.0.1
     ({"repo": "https://localhost/x"}, 422, "not a public address"),
     ({"repo": "https://u:p@127.0.0.1/x"}, 422, "credentials"),
     ({"repo": "https://127.0.0.1/x", "ref": "--upload-pack=touch /tmp/x"}, 422, "ref must"),
@@ -169,3 +181,97 @@ def test_banned_specs_are_403(settings: Settings, sent: list[str]) -> None:
     assert response.status_code == 403
     assert response.json()["detail"] == "This repository is not allowed on this service."
     assert count_rows(settings) == (0, 0) and sent == []
+
+
+def test_generated_urls_are_on_the_public_url_whatever_the_host_header(
+    api: TestClient, settings: Settings
+) -> None:
+    response = api.post(
+        "/api/launches",
+        json={"image": "default"},
+        headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+    )
+    assert response.status_code == 202
+    body = response.json()
+    base = f"{settings.public_url}/api/launches/{body['id']}"
+    assert response.headers["Location"] == body["status_url"] == base
+    assert body["events_url"] == f"{base}/events"
+    # Starlette's slash redirect would write the Host header into Location; there is none.
+    slash = api.get("/api/health/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert slash.status_code == 404 and "location" not in slash.headers
+
+
+V2 = "/v2/gh/binder-examples/requirements/master"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("urlpath=../hl-other/lab", "urlpath must not contain '..' segments"),
+        ("urlpath=lab/../../hl-other/", "'..' segments"),
+        ("labpath=../../../hl-other/lab", "labpath must not contain '..' segments"),
+        ("urlpath=%252e%252e/hl-other/", "escaped dots, slashes"),  # arrives as %2e%2e
+        ("urlpath=.%252E/hl-other/", "escaped dots, slashes"),
+        ("urlpath=lab%252f..%252f..%252fhl-other", "escaped dots, slashes"),
+        ("labpath=x%255c..%255chl-other", "escaped dots, slashes"),
+        ("urlpath=..%5Chl-other%5C", "backslashes"),  # arrives as ..\hl-other\
+        ("urlpath=/user/hl-other/", "without a leading '/'"),
+        ("urlpath=//evil.example/collect", "without a leading '/'"),
+        ("urlpath=http://evil.example/", "not a URL"),
+        ("urlpath=javascript:alert(document.cookie)", "not a URL"),
+        ("urlpath=.%09./hl-other/", "control characters"),  # browsers drop the tab
+        ("labpath=a%0A/b", "control characters"),
+        ("urlpath=" + "a" * 2100, "at most 2048"),
+    ],
+)
+def test_launch_page_refuses_paths_that_leave_the_sessions_server(
+    api: TestClient, query: str, message: str
+) -> None:
+    response = api.get(f"{V2}?{query}")
+    assert response.status_code == 400
+    assert message in html.unescape(response.text)
+    assert "HubLaunch.page(" not in response.text  # nothing would open a server with the token
+
+
+@pytest.mark.parametrize(
+    ("query", "rendered"),
+    [
+        ("urlpath=lab/tree/index.ipynb", '"lab/tree/index.ipynb"'),
+        ("labpath=notebooks/my%20file.ipynb", '"notebooks/my file.ipynb"'),
+        ("urlpath=voila/render/a.ipynb%23cell", '"voila/render/a.ipynb#cell"'),
+        # nbgitpuller: escaped slashes in the query are fine, they cannot move the URL.
+        (
+            "urlpath=git-pull%3Frepo%3Dhttps%253A%252F%252Fgithub.com%252Fo%252Fr",
+            '"git-pull?repo=https%3A%2F%2Fgithub.com%2Fo%2Fr"',
+        ),
+    ],
+)
+def test_launch_page_keeps_paths_inside_the_server(
+    api: TestClient, query: str, rendered: str
+) -> None:
+    response = api.get(f"{V2}?{query}")
+    assert response.status_code == 200
+    assert rendered in response.text
+
+
+def test_cors_allows_only_the_configured_origin(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HUBLAUNCH_CORS_ALLOW_ORIGIN", "https://docs.example.org")
+    configured = Settings(**settings.model_dump(exclude={"cors_allow_origin"}))
+    assert configured.cors_allow_origin == "https://docs.example.org"
+    path = "/build/svn/x"  # refused spec: one failed event, nothing launched
+    with TestClient(create_app(configured)) as client:
+        allowed = client.get(path, headers={"Origin": "https://docs.example.org"})
+        other = client.get(path, headers={"Origin": "https://evil.example"})
+        none = client.get(path)
+    assert allowed.headers["access-control-allow-origin"] == "https://docs.example.org"
+    assert "origin" in allowed.headers["vary"].lower()
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in none.headers
+    assert "origin" in other.headers["vary"].lower()  # a cache must not reuse either answer
+
+
+def test_cors_wildcard_by_default(api: TestClient) -> None:
+    response = api.get("/build/svn/x", headers={"Origin": "https://anywhere.example"})
+    assert response.headers["access-control-allow-origin"] == "*"

@@ -1,0 +1,73 @@
+"""The launch page's script, run by Node.js: the URL it opens (with the token) stays inside the
+session's own server, whatever path a link or the form gives it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "api" / "static" / "launch.js"
+EVENT = {"url": "https://hub.example/user/hl-a/", "token": "0123456789abcdef0123456789abcdef"}
+ROOT = f"{EVENT['url']}?token={EVENT['token']}"
+
+
+def server_urls(cases: list[tuple[str, str]]) -> list[str]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("Node.js is needed (make install puts configurable-http-proxy there)")
+    program = (
+        f"globalThis.window = {{}}; require({json.dumps(str(SCRIPT))});"
+        f"const cases = {json.dumps(cases)}, event = {json.dumps(EVENT)};"
+        "const urls = cases.map(([u, l]) => window.HubLaunch.serverUrl(event, u, l));"
+        "console.log(JSON.stringify(urls));"
+    )
+    result = subprocess.run(
+        [node, "-e", program], capture_output=True, text=True, timeout=30, check=True
+    )
+    urls: list[str] = json.loads(result.stdout)
+    return urls
+
+
+HOSTILE = [
+    ("../hl-b/lab", ""),
+    ("lab/../../hl-b/", ""),
+    ("%2e%2e/hl-b/", ""),
+    (".%2E/hl-b/", ""),
+    ("lab%2f..%2f..%2fhl-b", ""),
+    ("..\\hl-b\\", ""),
+    ("/user/hl-b/", ""),
+    ("//evil.example/collect", ""),
+    ("http://evil.example/", ""),
+    ("javascript:alert(1)", ""),
+    (".\t./hl-b/", ""),
+    ("", "../../hl-b/"),
+    ("", "..%2f..%2fhl-b"),
+]
+
+
+def test_paths_that_would_leave_the_server_open_its_root() -> None:
+    assert server_urls(HOSTILE) == [ROOT] * len(HOSTILE)
+
+
+def test_paths_inside_the_server_are_kept_and_the_token_appended() -> None:
+    base = EVENT["url"]
+    token = f"token={EVENT['token']}"
+    assert server_urls(
+        [
+            ("", ""),
+            ("lab/tree/index.ipynb", ""),
+            ("", "notebooks/my file.ipynb"),
+            ("git-pull?repo=https%3A%2F%2Fgithub.com%2Fo%2Fr", ""),
+            ("lab#section", ""),
+        ]
+    ) == [
+        ROOT,
+        f"{base}lab/tree/index.ipynb?{token}",
+        f"{base}lab/tree/notebooks/my%20file.ipynb?{token}",
+        f"{base}git-pull?repo=https%3A%2F%2Fgithub.com%2Fo%2Fr&{token}",
+        f"{base}lab?{token}#section",  # before the fragment, so it is sent
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -124,6 +125,8 @@ def run(*, port: int, spawner: str) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
+    # The readiness polls would bury the banner.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         stack.start()
         print(f"hublaunch is running at {stack.public_url}/")

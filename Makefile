@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROXY  := node_modules/.bin/configurable-http-proxy
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-unit test-integration lint fmt migrate bench compose-check clean
+.PHONY: help install sandbox-tools dev test test-unit test-integration lint fmt migrate bench compose-check clean
 
 help: ## list the daily commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -21,7 +21,14 @@ $(PROXY): package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(STAMP) $(PROXY) ## create .venv and install Python and Node dependencies
+# Sessions and builds run in bubblewrap boxes; where it cannot be installed (not root), `make dev`
+# runs unsandboxed and says so, and the shipped Hub config refuses to start.
+sandbox-tools:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -q && apt-get install -y -q bubblewrap; } || \
+	  echo "note: bubblewrap is not installed; sessions cannot be sandboxed here"; }
+
+install: $(STAMP) $(PROXY) sandbox-tools ## create .venv and install Python, Node and sandbox dependencies
 
 dev: install ## run the whole local stack (Hub + proxy + app + worker + beat) on :8000
 	$(BIN)/hublaunch dev --port $${PORT:-8000}

@@ -90,7 +90,65 @@ async def splice(
             writer.close()
 
 
-Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+class _Relay(asyncio.Protocol):
+    """One end of a forwarded connection: what it receives, its peer sends. Flow control
+    crosses over (a slow reader pauses the other side's reads); EOF is passed on as EOF."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Relay | None = None
+        self.early: list[bytes] = []  # received before the peer was connected
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def link(self, peer: _Relay) -> None:
+        self.peer, peer.peer = peer, self
+        for side in (self, peer):
+            for data in side.early:
+                side.peer.send(data)  # type: ignore[union-attr]
+            side.early.clear()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early.append(data)
+        else:
+            self.peer.send(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.eof:
+            self.close_both()
+            return False
+        if peer.transport is not None and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        return True  # half-closed: the other direction goes on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close_both()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def close_both(self) -> None:
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+
+Connect = Callable[[], Awaitable[socket.socket]]
 
 
 class Bridge:
@@ -99,20 +157,34 @@ class Bridge:
     def __init__(self, ns_fd: int) -> None:
         self.ns_fd = ns_fd
         self._servers: list[asyncio.Server] = []
+        self._connecting: set[asyncio.Task[None]] = set()
 
     async def _serve(self, sock: socket.socket | None, connect: Connect, port: int = 0) -> int:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def join(near: _Relay) -> None:
             try:
-                other = await connect()
-            except OSError:  # the box's server is not listening (yet, or any more)
-                writer.close()
+                upstream = await connect()
+                _, far = await loop.create_connection(_Relay, sock=upstream)
+            except OSError:  # the other side is not listening (yet, or any more)
+                near.close_both()
                 return
-            await splice((reader, writer), other)
+            if near.transport is None or near.transport.is_closing():
+                far.close_both()  # the client left while we connected
+                return
+            near.link(far)
+
+        def accepted() -> _Relay:
+            near = _Relay()
+            task = loop.create_task(join(near))
+            self._connecting.add(task)  # a reference until it is done
+            task.add_done_callback(self._connecting.discard)
+            return near
 
         if sock is None:
-            server = await asyncio.start_server(handle, "127.0.0.1", port)
+            server = await loop.create_server(accepted, "127.0.0.1", port)
         else:
-            server = await asyncio.start_server(handle, sock=sock)
+            server = await loop.create_server(accepted, sock=sock)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
@@ -120,14 +192,14 @@ class Bridge:
         """Listen on the host's 127.0.0.1 (``host_port``, 0 for any) and forward each
         connection to the box's 127.0.0.1:``inner_port``; returns the host port."""
 
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async def connect() -> socket.socket:
             sock = socket_in(self.ns_fd)
             try:
                 await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", inner_port))
             except OSError:
                 sock.close()
                 raise
-            return await asyncio.open_connection(sock=sock)
+            return sock
 
         return await self._serve(None, connect, host_port)
 
@@ -135,8 +207,15 @@ class Bridge:
         """Listen on the box's 127.0.0.1:``inner_port`` and forward each connection to
         ``target`` on the host: the one host endpoint the box can reach."""
 
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await asyncio.open_connection(*target)
+        async def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, target)
+            except OSError:
+                sock.close()
+                raise
+            return sock
 
         await self._serve(listener_in(self.ns_fd, inner_port), connect)
 

@@ -118,6 +118,12 @@ c.SandboxSpawner.home_size = int(env.get("HUBLAUNCH_SESSION_HOME_BYTES", str(2**
 c.SandboxSpawner.uid_min = int(env.get("HUBLAUNCH_SESSION_UID_MIN", "60000"))
 c.SandboxSpawner.uid_max = int(env.get("HUBLAUNCH_SESSION_UID_MAX", "60999"))
 c.SandboxSpawner.public_port = c.JupyterHub.port
+# Outbound traffic of sessions: none unless the operator lists host:port destinations (e.g.
+# "pypi.org:443,files.pythonhosted.org:443" so that %pip install works), reached through an
+# allowlisting proxy in the box; loopback and private addresses are refused whatever it says.
+c.SandboxSpawner.egress = [
+    d.strip() for d in env.get("HUBLAUNCH_SESSION_EGRESS", "").split(",") if d.strip()
+]
 # Out-of-memory and dead boxes are noticed at the next poll.
 c.Spawner.poll_interval = 10
 # Binder clients on other sites (thebe, Jupyter Book) talk to the server from their own origin;

@@ -26,12 +26,13 @@ from typing import Any, ClassVar
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Dict, Float, Integer, Unicode
+from traitlets import Dict, Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from hub.redact import redact
 from sandbox import box as boxes
 from sandbox.cgroups import Limits
+from sandbox.egress import Destination, Proxy
 from sandbox.netns import Bridge
 
 BUILT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,200}$")
@@ -154,6 +155,15 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
     inner_port = Integer(8888, help="The server's port inside its own network namespace.")
     inner_hub_port = Integer(8081, help="Where the box finds the Hub API, inside the box.")
     stop_grace = Float(5.0, config=True, help="Seconds between SIGTERM and SIGKILL on stop.")
+    egress = List(
+        Unicode(),
+        [],
+        config=True,
+        help="host:port destinations a session may reach (HTTP proxy at 127.0.0.1:3128 in its "
+        "box, set as http(s)_proxy). Empty (the default): no outbound traffic at all. Hosts "
+        "that resolve to loopback or private addresses are refused whatever this says.",
+    )
+    egress_port = Integer(3128, help="The egress proxy's port inside the box.")
 
     _uids: ClassVar[set[int]] = set()  # uids of the boxes this Hub runs
 
@@ -261,6 +271,12 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
             PATH=f"{prefix}/bin:/usr/local/bin:/usr/bin:/bin",
             JUPYTERHUB_ROOT_DIR=self.home,
         )
+        if self.egress:
+            proxy = f"http://127.0.0.1:{self.egress_port}"
+            for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+                env[name] = proxy
+            # The Hub API is on the box's own loopback, never through the proxy.
+            env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
         return env
 
     async def start(self) -> tuple[str, int]:
@@ -309,6 +325,10 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
         self._bridge = Bridge(self._ns_fd)
         self.host_port = await self._bridge.expose(self.inner_port, self.host_port)
         await self._bridge.provide(self.inner_hub_port, ("127.0.0.1", self.public_port))
+        if self.egress:
+            destinations = [Destination.parse(d) for d in self.egress]
+            proxy = Proxy(destinations, label=f"session {self.user.name}")
+            await self._bridge.serve_in(self.egress_port, proxy.handle)
 
     def _detach(self) -> None:
         if self._bridge is not None:

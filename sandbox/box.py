@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sandbox.cgroups import Group, Limits, supported
 
@@ -43,6 +44,9 @@ class BoxSpec:
     tmp_size: int = 2**30
     hostname: str = "box"
     limits: Limits = field(default_factory=Limits)
+    # Builds: the box dies with the worker thread that started it. Sessions: no, they outlive
+    # a restart of the Hub, which finds them again.
+    die_with_parent: bool = False
 
     @property
     def gid(self) -> int:
@@ -71,6 +75,7 @@ def argv(spec: BoxSpec, info_fd: int, block_fd: int) -> list[str]:
         "--unshare-net",
         "--unshare-cgroup-try",
         "--new-session",  # no TIOCSTI into a terminal outside
+        *(["--die-with-parent"] if spec.die_with_parent else []),
         "--hostname",
         spec.hostname,
         "--info-fd",
@@ -161,12 +166,25 @@ class Box:
         return fd
 
     def alive(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
+        """Whether the box's command still runs. Its PID 1 outlives the command while anything
+        the command left behind runs, so that alone does not say it."""
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            if os.stat(f"/proc/{self.pid}/ns/net").st_ino != self.netns:
+                return False
+            # After a restart of its owner: the command is PID 1's first child.
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except FileNotFoundError:
             return False
+        return bool(children.split())
+
+    def exists(self) -> bool:
+        """Whether anything of the box is left (its PID 1, or a process in its cgroups)."""
         try:
             return os.stat(f"/proc/{self.pid}/ns/net").st_ino == self.netns
         except FileNotFoundError:
-            return False
+            return bool(self.group.pids())
 
     def signal_all(self, signum: int) -> None:
         """Send a signal to every process of the box but its reaper (which only SIGKILL ends)."""
@@ -180,7 +198,7 @@ class Box:
             os.close(self._block_fd)
             self._block_fd = None
         with contextlib.suppress(ProcessLookupError):
-            if self.alive():
+            if self.exists():
                 os.kill(self.pid, signal.SIGKILL)  # PID 1 gone: the kernel ends the rest
         self.group.kill()
         if self.process is not None:

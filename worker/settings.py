@@ -52,6 +52,26 @@ class Settings(BaseSettings):
     # Bytes the venv builder may use; least recently used environments no session uses go first.
     envs_disk_budget: int = Field(20 * 2**30, gt=0)
     clone_size_limit: int = Field(2**30, gt=0)
+    # Builds run a visitor's code (pip runs a repository's build backend), so each step runs in a
+    # box (sandbox/) as this unprivileged uid, never root: it sees only its own work folder, the
+    # system and the base environment read-only, and reaches only what its step needs. Keep it
+    # outside the sessions' uid range (the Hub's HUBLAUNCH_SESSION_UID_MIN..MAX).
+    build_uid: int = Field(59000, gt=0)
+    # Limits of one build step's box: bytes of memory (swap and its /tmp included), processes
+    # and threads, CPUs' worth of time.
+    build_memory: int = Field(4 * 2**30, gt=0)
+    build_pids: int = Field(1024, gt=0)
+    build_cpus: float = Field(1.0, gt=0)
+    # host:port the pip step may reach (comma-separated), through the build's egress proxy; a
+    # host that resolves to a loopback, private or link-local address is refused even here.
+    package_index_hosts: Annotated[list[str], NoDecode] = [
+        "pypi.org:443",
+        "files.pythonhosted.org:443",
+    ]
+    # Where no box can be made (not root, no bubblewrap), builds are refused unless this is set:
+    # then they run as the worker itself, and a repository can read everything the worker can.
+    # Trusted repositories on a laptop only.
+    allow_unsandboxed_builds: bool = False
     # repo2docker: images are named <image_prefix><environment name> and checked in the registry.
     image_prefix: str = ""
     registry_url: str = ""
@@ -69,11 +89,20 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    @field_validator("banned_specs", mode="before")
+    @field_validator("banned_specs", "package_index_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("package_index_hosts")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"package_index_hosts: {entry!r} is not host:port")
         return value
 
     @model_validator(mode="after")

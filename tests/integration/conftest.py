@@ -152,7 +152,12 @@ def real_stack(
         make_database("real"),
         redis_url,
         spawner="sandbox",
-        env={**LOCAL_REPOS, "HUBLAUNCH_SESSION_MEMORY": "1G"},
+        # An operator who lets sessions reach the package index (off by default).
+        env={
+            **LOCAL_REPOS,
+            "HUBLAUNCH_SESSION_MEMORY": "1G",
+            "HUBLAUNCH_SESSION_EGRESS": "pypi.org:443",
+        },
     )
     try:
         yield stack

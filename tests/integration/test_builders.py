@@ -4,8 +4,8 @@ line, log relay and registry check (against a plain HTTP stand-in for the regist
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
-import socket
 import stat
 import subprocess
 import threading
@@ -52,8 +52,23 @@ def test_an_empty_requirements_file_builds_in_seconds_and_is_renamed_into_place(
     )
     assert probe.stdout.strip() == str(path)
     assert any("Fetching" in line for line in lines)
+    assert_sealed(path)
     assert builder.remove(name) == size
     assert not builder.exists(name) and builder.remove(name) == 0
+
+
+def assert_sealed(path: Path) -> None:
+    """Built in a box as the build uid, the environment ends up root's: sessions (other uids)
+    read it, and neither they nor a later build can change it."""
+    for folder, dirs, files in os.walk(path):
+        for entry in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            info = os.lstat(entry)
+            assert info.st_uid == 0 and info.st_gid == 0, entry
+            if not stat.S_ISLNK(info.st_mode):
+                assert info.st_mode & 0o7022 == 0, entry  # no write but root's, no set-id bits
+                assert info.st_mode & 0o004, entry
+                if stat.S_ISDIR(info.st_mode):
+                    assert info.st_mode & 0o001, entry
 
 
 def test_the_build_timeout_and_clone_size_limit_are_enforced(
@@ -68,21 +83,73 @@ def test_the_build_timeout_and_clone_size_limit_are_enforced(
     with pytest.raises(BuildFailed, match="larger than 50000 bytes"):
         small.build("limits-small", url, commit, lambda _line: None)
 
-    # A package index that accepts connections and never answers: pip waits until killed.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        index = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
-        slow = git_server.commit(
-            "limits", {"requirements.txt": f"--index-url {index}\nhublaunch-never-there\n"}
-        )
-        hasty = VenvBuilder(venv_settings(tmp_path, build_timeout=3))
-        started = time.monotonic()
-        with pytest.raises(BuildFailed, match="took longer than allowed"):
-            hasty.build("limits-hasty", url, slow, lambda _line: None)
-        assert time.monotonic() - started < 15
+    # A build backend of the repository's that never returns (and starts a daemon first):
+    # the deadline ends the whole box, whatever runs in it.
+    slow = git_server.commit(
+        "limits",
+        {
+            "requirements.txt": ".\n",
+            "pyproject.toml": (
+                "[build-system]\nrequires = []\nbuild-backend = 'slow'\nbackend-path = ['.']\n"
+            ),
+            "slow.py": (
+                "import os, subprocess, time\n"
+                "def get_requires_for_build_wheel(config_settings=None):\n"
+                "    subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+                "    time.sleep(600)\n"
+            ),
+        },
+    )
+    hasty = VenvBuilder(venv_settings(tmp_path, build_timeout=6))
+    started = time.monotonic()
+    with pytest.raises(BuildFailed, match="took longer than allowed"):
+        hasty.build("limits-hasty", url, slow, lambda _line: None)
+    assert time.monotonic() - started < 20
     assert not hasty.exists("limits-hasty")
     assert not [p for p in hasty.root.iterdir() if p.name.startswith(".tmp-")]
+    assert_nothing_left_running(hasty.settings.build_uid, "limits-hasty")
+
+
+def assert_nothing_left_running(uid: int, name: str) -> None:
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            uids = next(line for line in status.read_text().splitlines() if line[:4] == "Uid:")
+            assert str(uid) not in uids.split()[1:], f"{status.parent} runs as the build uid"
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/hublaunch/build-{name}-*"))
+
+
+def test_a_package_from_the_index_installs_through_the_egress_proxy(
+    tmp_path: Path, git_server: GitServer
+) -> None:
+    # The box has no network but the proxy, which lets pip reach pypi.org and its files host.
+    commit = git_server.commit("reach", {"requirements.txt": "cowsay==6.1\n"})
+    builder = VenvBuilder(venv_settings(tmp_path))
+    lines: list[str] = []
+    builder.build("reach", git_server.url("reach"), commit, lines.append)
+
+    path = builder.path("reach")
+    cowsay = subprocess.run(
+        [str(path / "bin" / "cowsay"), "-t", "boxed"], capture_output=True, text=True, check=True
+    )
+    assert "boxed" in cowsay.stdout  # its script points at the environment's final place
+    assert any("cowsay-6.1" in line for line in lines)
+    assert_sealed(path)
+    assert_nothing_left_running(builder.settings.build_uid, "reach")
+
+
+def test_where_no_sandbox_can_be_made_an_allowed_build_runs_as_the_worker(
+    tmp_path: Path, git_server: GitServer
+) -> None:
+    # HUBLAUNCH_ALLOW_UNSANDBOXED_BUILDS (a trusted laptop): the old path, no box at all.
+    commit = git_server.commit("unboxed", {"requirements.txt": ""})
+    builder = VenvBuilder(
+        venv_settings(tmp_path, allow_unsandboxed_builds=True),
+        sandbox_missing=lambda: "no bwrap here",
+    )
+    lines: list[str] = []
+    builder.build("unboxed", git_server.url("unboxed"), commit, lines.append)
+    assert builder.exists("unboxed") and any("Fetching" in line for line in lines)
+    assert_sealed(builder.path("unboxed"))
 
 
 def test_repo2docker_command_line() -> None:

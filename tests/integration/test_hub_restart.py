@@ -10,6 +10,7 @@ import pytest
 
 from hublaunch.stack import Stack
 from tests.integration.conftest import read_events, start_stack, wait_for
+from tests.integration.kernel import run_code
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +40,17 @@ def test_a_session_survives_a_hub_restart(production_hub: Stack) -> None:
         status_url = f"{ready['url']}api/status"
         auth = {"Authorization": f"token {ready['token']}"}
         started = httpx.get(status_url, headers=auth, timeout=10).json()["started"]
+
+        # The shipped default: no outbound traffic at all, not even through a proxy.
+        output = run_code(
+            ready["url"],
+            ready["token"],
+            "import os, socket\n"
+            "print(sorted(k for k in os.environ if 'proxy' in k.lower()))\n"
+            "s = socket.socket()\n"
+            "print(s.connect_ex(('127.0.0.1', 3128)) != 0)",
+        )
+        assert output.split() == ["[]", "True"], output
 
         production_hub.restart("hub")
         wait_for(lambda: _answers(f"{production_hub.hub_api_url}/"), 60, "the Hub to come back")

@@ -140,7 +140,7 @@ def test_unknown_refs_and_unreachable_repositories_fail_clearly(
 @pytest.mark.parametrize(
     ("body", "expected", "message"),
     [
-        ({"repo": "http://127.0.0.1:1/x.git"}, 422, "scheme must be one of: git, https"),
+        ({"repo": "http://127.0.0.1:1/x.git"}, 422, "scheme must be one of: https"),
         ({"repo": "https://127.0.0.1:1/x.git"}, 422, "not a public address"),
         ({"repo": "https://192.168.1.1/x.git"}, 422, "not a public address"),
         ({"repo": "https://127.0.0.1/x.git", "ref": "-c core.sshCommand=id"}, 422, "ref must"),

@@ -377,3 +377,23 @@ def test_no_token_reaches_a_log(
         text = log.read_text(errors="replace")
         leaked = [t[:6] for t in tokens if t in text]
         assert not leaked, f"{log.name} holds tokens starting {leaked}"
+
+
+def test_outbound_traffic_only_to_what_the_operator_allows(
+    real_stack: Stack, sessions: list[dict[str, Any]]
+) -> None:
+    # This stack allows pypi.org:443 (HUBLAUNCH_SESSION_EGRESS); the default allows nothing
+    # (test_hub_restart's production stack checks that).
+    body = """
+    import urllib.request
+    probe("control: the allowed index", lambda: urllib.request.urlopen(
+        "https://pypi.org/simple/pip/", timeout=30).status)
+    for url in ["http://127.0.0.1:6379/", "https://example.org/", "http://pypi.org/",
+                "http://localhost:5432/"]:
+        probe("through the proxy: " + url, lambda: urllib.request.urlopen(url, timeout=10).status)
+    probe("direct: the index", lambda: connect(443, "203.0.113.80"))
+    """
+    results = probe(sessions[0], body)
+    assert results.pop("control: the allowed index") == "OK:200"
+    leaked = {k: v for k, v in results.items() if not v.startswith("DENIED:")}
+    assert not leaked, leaked

@@ -1,6 +1,9 @@
-"""Build deduplication and repository launches, with an in-memory builder and Hub."""
+"""Build deduplication and repository launches, with an in-memory builder and Hub; and the venv
+builder's refusal to build where no sandbox can be made."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -9,11 +12,13 @@ from tests.fakes import FakeHub
 from tests.unit.conftest import Clock
 from worker import builds, launcher
 from worker.builders import BuildFailed, Log
+from worker.builders.venv import VenvBuilder
 from worker.db import session_scope
 from worker.launcher import LaunchContext
 from worker.launches import create_launch, get_launch
 from worker.models import Build, LaunchEvent, Status
 from worker.repos import RepoSpec
+from worker.settings import Settings
 
 COMMIT = "c" * 40
 
@@ -215,3 +220,18 @@ def test_build_timeout_extends_the_launch_deadline(
     clock.advance(ctx.settings.launch_timeout + 5)  # past the launch timeout, within the build's
     outcome = launcher.advance(ctx, launch_id)
     assert outcome.retry_in is not None and status(ctx, launch_id) == Status.building
+
+
+def test_the_venv_builder_refuses_to_build_where_no_sandbox_can_be_made(
+    settings: Settings, tmp_path: Path
+) -> None:
+    builder = VenvBuilder(
+        settings.model_copy(update={"envs_dir": tmp_path / "envs"}),
+        sandbox_missing=lambda: "'bwrap' is not installed",
+    )
+    with pytest.raises(BuildFailed) as refused:
+        builder.build("x", "https://example.org/a/b", COMMIT, lambda _line: None)
+    assert refused.value.message == (
+        "Builds run in a sandbox, which this server cannot make: 'bwrap' is not installed"
+    )
+    assert not (tmp_path / "envs").exists()  # nothing fetched, nothing made

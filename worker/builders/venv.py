@@ -2,32 +2,77 @@
 
 Each environment is a venv layered on a base environment that has the Jupyter server (a .pth
 file puts the base's site-packages on its path), so an empty requirements file builds in about
-a second. It is built in a temporary directory and renamed into place only when complete; a
-marker file says it is finished. The Hub's EnvironmentSpawner runs servers from it by name.
+a second. It is built in a temporary folder and renamed into place only when complete; a
+marker file says it is finished. The Hub's spawners run servers from it by name.
+
+A repository is hostile, and pip runs its code (a local build backend, a setup.py). So every
+command of a build runs in a box (``sandbox``) as the unprivileged build uid: the system, the
+base environment and the machine's local package folders read-only, the build's work folder
+read-write (at its own path: a venv's paths are absolute), an environment made from scratch
+(no secret of the worker's), and only loopback, where ``egress`` serves a proxy that lets the
+fetch reach the repository's host and pip the package index. The worker itself only lays out
+the work folder, hands the finished tree to root (readable by the sessions' uids, writable by no
+one else), writes the marker and renames it into place: it never runs what the repository
+brought, nor reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+from sandbox import box as boxes
+from sandbox.egress import Destination, normalize_host
 from worker.builders import BuildFailed, Log
+from worker.builders.boxed import CERT_VARIABLES, SYSTEM_PATH, Steps
 from worker.periodic import every
 from worker.repos import check_host, git_env, git_options
 from worker.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 MARKER = ".hublaunch-env"
 REPO_DIR = "repo"
 TAIL_LINES = 40
+# pip settings that name local folders or files a box's pip must see (read-only).
+PIP_PATH_KEYS = ("find-links", "index-url", "extra-index-url", "constraint", "cert", "client-cert")
+
+# Creates the venv and its layer over the base environment (run in the box, by the base Python).
+MAKE_ENV = """
+import sys, venv
+env, pth, base_site = sys.argv[1:]
+venv.EnvBuilder(with_pip=False, symlinks=True).create(env)
+with open(pth, "w") as f:
+    f.write(base_site + "\\n")
+"""
+# Console scripts pip wrote name the temporary path in their #! line; point them home. Run in
+# the box: the scripts are the repository's to write.
+FIX_SCRIPTS = """
+import os, sys
+folder, old, new = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
+for entry in os.scandir(folder):
+    if not entry.is_file(follow_symlinks=False):
+        continue
+    with open(entry.path, "rb") as f:
+        data = f.read()
+    first, sep, rest = data.partition(b"\\n")
+    if first.startswith(b"#!") and old in first:
+        with open(entry.path, "wb") as f:
+            f.write(first.replace(old, new, 1) + sep + rest)
+"""
 
 
 def _dir_size(path: Path) -> int:
@@ -44,10 +89,16 @@ def _dir_size(path: Path) -> int:
 class VenvBuilder:
     version = "venv-1"
 
-    def __init__(self, settings: Settings, base_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        base_prefix: str | None = None,
+        sandbox_missing: Callable[[], str | None] = boxes.unavailable,
+    ) -> None:
         self.settings = settings
         self.root = settings.envs_dir.resolve()
         self.base_prefix = Path(base_prefix or sys.prefix)
+        self.sandbox_missing = sandbox_missing
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -75,9 +126,14 @@ class VenvBuilder:
         return size
 
     def build(self, name: str, repo: str, commit: str, log: Log) -> int:
+        missing = self.sandbox_missing()
+        if missing is not None and not self.settings.allow_unsandboxed_builds:
+            raise BuildFailed(f"Builds run in a sandbox, which this server cannot make: {missing}")
+        if missing is not None:
+            logger.warning("building %s with no sandbox (the settings allow it): %s", name, missing)
         self.root.mkdir(parents=True, exist_ok=True)
-        work = self.root / f".tmp-{name}-{secrets.token_hex(4)}"
-        deadline = time.monotonic() + self.settings.build_timeout
+        token = secrets.token_hex(4)
+        work = self.root / f".tmp-{name}-{token}"
         tail: deque[str] = deque(maxlen=TAIL_LINES)
 
         def emit(line: str) -> None:
@@ -85,48 +141,17 @@ class VenvBuilder:
             log(line)
 
         try:
-            work.mkdir()
-            source = work / "src"
-            self._fetch(repo, commit, source, emit, deadline)
-            env = work / "env"
-            self._make_env(env, emit, deadline)
-            requirements = self._requirements(source)
-            if requirements is None:
-                emit("No requirements.txt: the base environment is used as it is.")
-            else:
-                emit(f"Installing {requirements.relative_to(source)}")
-                self._run(
-                    [
-                        str(env / "bin" / "python"),
-                        "-m",
-                        "pip",
-                        "install",
-                        "--no-input",
-                        "--disable-pip-version-check",
-                        "--progress-bar",
-                        "off",
-                        "-r",
-                        str(requirements),
-                    ],
-                    emit,
-                    deadline,
-                    cwd=source,
-                    what="pip install",
-                )
-            # The repository's files go with the environment; each session starts with a copy.
-            shutil.rmtree(source / ".git", ignore_errors=True)
-            source.rename(env / REPO_DIR)
-            (env / MARKER).write_text(
-                json.dumps({"repo": repo, "commit": commit, "builder": self.version})
+            boxed = missing is None
+            _lay_out(work, self.settings.build_uid if boxed else None)
+            steps = Steps(
+                self.settings,
+                work,
+                emit,
+                time.monotonic() + self.settings.build_timeout,
+                box_name=f"build-{name}-{token}",
+                mounts=self._mounts() if boxed else None,
             )
-            final = self.path(name)
-            _fix_scripts(env, final)
-            try:
-                env.rename(final)
-            except OSError:
-                if not self.exists(name):  # anything but "another build finished first"
-                    raise
-            return _dir_size(final)
+            return self._build(name, repo, commit, work, steps, emit)
         except BuildFailed as e:
             e.tail = e.tail or "\n".join(tail)
             raise
@@ -135,31 +160,126 @@ class VenvBuilder:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _fetch(self, repo: str, commit: str, source: Path, log: Log, deadline: float) -> None:
+    def _build(self, name: str, repo: str, commit: str, work: Path, steps: Steps, emit: Log) -> int:
+        source, env, final = work / "src", work / "env", self.path(name)
+        self._fetch(repo, commit, source, steps)
+        self._make_env(env, steps)
+        requirements = self._requirements(source)
+        if requirements is None:
+            emit("No requirements.txt: the base environment is used as it is.")
+        else:
+            emit(f"Installing {requirements.relative_to(source)}")
+            index = [Destination.parse(entry) for entry in self.settings.package_index_hosts]
+            pip_env = {
+                **steps.base_env(),
+                **_pip_settings(self._python()),
+                "PATH": f"{env / 'bin'}:{SYSTEM_PATH}",
+            }
+            steps.run(
+                [
+                    str(env / "bin" / "python"),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-input",
+                    "--disable-pip-version-check",
+                    "--progress-bar",
+                    "off",
+                    "-r",
+                    str(requirements),
+                ],
+                env=pip_env,
+                cwd=source,
+                egress=index,
+                what="pip install",
+            )
+            steps.run(
+                [self._python(), "-I", "-c", FIX_SCRIPTS, str(env / "bin"), str(env), str(final)],
+                env=steps.base_env(),
+                what="scripts",
+            )
+        # Nothing runs in the work folder any more: from here on the worker may touch it.
+        _seal(source)
+        _seal(env)
+        # The repository's files go with the environment; each session starts with a copy.
+        _remove(source / ".git")
+        _remove(env / REPO_DIR)
+        source.rename(env / REPO_DIR)
+        _remove(env / MARKER)
+        _create(env / MARKER, json.dumps({"repo": repo, "commit": commit, "builder": self.version}))
+        try:
+            env.rename(final)
+        except OSError:
+            if not self.exists(name):  # anything but "another build finished first"
+                raise
+        return _dir_size(final)
+
+    def _python(self) -> str:
+        return str(self.base_prefix / "bin" / "python")
+
+    def _mounts(self) -> list[str | tuple[str, str]]:
+        """What a build's box sees read-only besides the system: the base environment (and the
+        Python it was made from) and the local folders the machine's pip settings name."""
+        python = self._python()
+        wanted = [
+            str(self.base_prefix),
+            sys.prefix,
+            sys.base_prefix,
+            str(Path(os.path.realpath(python)).parent.parent),
+            *_pip_folders(python),
+            *(os.environ[v] for v in CERT_VARIABLES if os.environ.get(v, "").startswith("/")),
+        ]
+        private = [self.root, self.settings.secret_key_file.resolve()]
+        mounts: list[str] = []
+        for path in dict.fromkeys(os.path.normpath(p) for p in wanted):
+            shown_anyway = any(_within(Path(path), Path(system)) for system in boxes.SYSTEM)
+            if shown_anyway or not os.path.exists(path):
+                continue
+            if any(_within(secret, Path(path)) for secret in private):
+                logger.warning("not showing %s to builds: it holds the service's files", path)
+                continue
+            mounts.append(path)
+        # A folder inside another one already shown needs no mount of its own.
+        shown: list[str | tuple[str, str]] = [
+            m for m in mounts if not any(o != m and _within(Path(m), Path(o)) for o in mounts)
+        ]
+        return shown
+
+    def _fetch(self, repo: str, commit: str, source: Path, steps: Steps) -> None:
         addresses = check_host(repo, self.settings)  # again at fetch time: DNS may have changed
         git = ["git", *git_options(repo, addresses, self.settings)]
-        log(f"Fetching {repo} at {commit}")
-        self._run([*git, "init", "--quiet", str(source)], log, deadline, what="git init")
-        self._run(
+        env = {**git_env(), **steps.base_env()}
+        steps.log(f"Fetching {repo} at {commit}")
+        steps.run([*git, "init", "--quiet", str(source)], env=env, what="git init")
+        steps.run(
             [*git, "-C", str(source), "remote", "add", "origin", "--", repo],
-            log,
-            deadline,
+            env=env,
             what="git remote",
         )
+        # The fetch reaches the repository's host, at the addresses just checked, and nothing else.
+        parts = urlsplit(repo)
+        host = normalize_host(parts.hostname or "")
+        egress = None
+        if host is not None and parts.scheme in ("http", "https"):
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            egress = [Destination(host, port, tuple(addresses))]
         guard = _SizeGuard(source, self.settings.clone_size_limit)
         fetch = [*git, "-C", str(source), "fetch", "--quiet"]
         try:
             with every(0.5, guard.check):
                 try:
-                    self._run(
-                        [*fetch, "--depth", "1", "origin", commit], log, deadline, what="git fetch"
+                    steps.run(
+                        [*fetch, "--depth", "1", "origin", commit],
+                        env=env,
+                        egress=egress,
+                        what="git fetch",
                     )
                 except BuildFailed:
                     if guard.exceeded:
                         raise
                     # Servers that serve only advertised refs (or dumb HTTP) need a full fetch.
-                    log("Shallow fetch of the commit refused; fetching the whole repository")
-                    self._run([*fetch, "origin"], log, deadline, what="git fetch")
+                    steps.log("Shallow fetch of the commit refused; fetching the whole repository")
+                    steps.run([*fetch, "origin"], env=env, egress=egress, what="git fetch")
         except BuildFailed:
             if not guard.exceeded:
                 raise
@@ -168,7 +288,7 @@ class VenvBuilder:
             raise BuildFailed(
                 f"the repository is larger than {self.settings.clone_size_limit} bytes"
             )
-        self._run(
+        steps.run(
             [
                 *git,
                 "-C",
@@ -180,22 +300,23 @@ class VenvBuilder:
                 commit,
                 "--",
             ],
-            log,
-            deadline,
+            env=env,
             what="git checkout",
         )
 
-    def _make_env(self, env: Path, log: Log, deadline: float) -> None:
-        log("Creating the environment")
-        python = str(self.base_prefix / "bin" / "python")
-        self._run([python, "-m", "venv", "--without-pip", str(env)], log, deadline, what="venv")
+    def _make_env(self, env: Path, steps: Steps) -> None:
+        steps.log("Creating the environment")
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        site = env / "lib" / version / "site-packages"
+        pth = env / "lib" / version / "site-packages" / "_hublaunch_base.pth"
         base_site = sysconfig.get_paths(
             vars={"base": str(self.base_prefix), "platbase": str(self.base_prefix)}
         )["purelib"]
         # The base environment (Jupyter server, kernel, pip) under the repository's packages.
-        (site / "_hublaunch_base.pth").write_text(base_site + "\n")
+        steps.run(
+            [self._python(), "-I", "-c", MAKE_ENV, str(env), str(pth), base_site],
+            env=steps.base_env(),
+            what="venv",
+        )
 
     @staticmethod
     def _requirements(source: Path) -> Path | None:
@@ -204,66 +325,119 @@ class VenvBuilder:
         candidate = folder / "requirements.txt"
         return candidate if candidate.is_file() else None
 
-    @staticmethod
-    def _run(
-        command: list[str], log: Log, deadline: float, *, what: str, cwd: Path | None = None
-    ) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BuildFailed(f"the build took longer than allowed (during {what})")
-        proc = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env={
-                **git_env(),
-                "PIP_NO_INPUT": "1",
-                "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                **_pip_env(),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+
+def _lay_out(work: Path, uid: int | None) -> None:
+    """The work folder: the worker's own (so no box can replace what is in it), holding the
+    folders a build's boxes write, theirs (``uid``; None: unsandboxed, the worker's)."""
+    work.mkdir()
+    work.chmod(0o711)
+    for name, mode in (("src", 0o755), ("env", 0o755), ("home", 0o700), ("tmp", 0o700)):
+        folder = work / name
+        folder.mkdir()
+        folder.chmod(mode)
+        if uid is not None:
+            os.chown(folder, uid, uid)
+
+
+@functools.cache
+def _pip_configuration(python: str) -> tuple[tuple[str, str], ...]:
+    """The machine's pip settings, ``(section.key, value)``, as ``pip config list`` of the base
+    Python sees them (its config files and the worker's PIP_* variables)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k in CERT_VARIABLES}
+    env.update(PATH=SYSTEM_PATH, HOME=os.environ.get("HOME", "/root"))
+    try:
+        result = subprocess.run(
+            [python, "-I", "-m", "pip", "config", "list"],
+            env=env,
+            capture_output=True,
             text=True,
+            timeout=60,
+            check=True,
         )
-        timer = threading.Timer(remaining, proc.kill)
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.strip():
-                    log(line.rstrip())
-            code = proc.wait()
-        finally:
-            timer.cancel()
-        if time.monotonic() >= deadline:
-            raise BuildFailed(f"the build took longer than allowed (during {what})")
-        if code != 0:
-            raise BuildFailed(f"{what} failed (exit {code})")
+    except (OSError, subprocess.SubprocessError):
+        logger.warning("could not read pip's configuration; builds use pip's defaults")
+        return ()
+    found = []
+    for line in result.stdout.splitlines():
+        key, sep, quoted = line.partition("=")
+        if sep and len(quoted) >= 2 and quoted[0] == quoted[-1] and quoted[0] in "'\"":
+            found.append((key, quoted[1:-1]))
+    return tuple(found)
 
 
-def _pip_env() -> dict[str, str]:
-    # Pass through the machine's package-index settings (mirrors, certificates), nothing else.
-    keep = (
-        "PIP_INDEX_URL",
-        "PIP_EXTRA_INDEX_URL",
-        "PIP_FIND_LINKS",
-        "PIP_CERT",
-        "PIP_DEFAULT_TIMEOUT",
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "PIP_CONSTRAINT",
-    )
-    return {k: v for k, v in os.environ.items() if k in keep}
+def _pip_settings(python: str) -> dict[str, str]:
+    """The machine's pip settings as PIP_* variables for a box's pip, which has another home
+    and prefix and so would not find a per-user or per-environment config file. Package
+    indexes, mirrors and certificates, no secret of hublaunch's."""
+    settings = {"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # Later sections win, as in pip: global, then the install command's, then PIP_* variables.
+    for section in ("global", "install", ":env:"):
+        for key, value in _pip_configuration(python):
+            scope, _, name = key.rpartition(".")
+            if scope == section:
+                settings[f"PIP_{name.upper().replace('-', '_')}"] = value
+    return settings
 
 
-def _fix_scripts(env: Path, final: Path) -> None:
-    """Console scripts pip wrote name the temporary path in their #! line; point them home."""
-    old, new = str(env).encode(), str(final).encode()
-    for script in (env / "bin").iterdir():
-        if script.is_file() and not script.is_symlink():
-            data = script.read_bytes()
-            if data.startswith(b"#!") and old in data.split(b"\n", 1)[0]:
-                script.write_bytes(data.replace(old, new, 1))
+def _pip_folders(python: str) -> list[str]:
+    """Local folders and files the pip settings name (``file://`` indexes, find-links,
+    constraints, certificates)."""
+    found = []
+    for key, value in _pip_configuration(python):
+        if key.rpartition(".")[2] not in PIP_PATH_KEYS:
+            continue
+        for entry in value.split():
+            path = unquote(urlsplit(entry).path) if entry.startswith("file:") else entry
+            if not path.startswith("/"):
+                continue
+            # A PEP 503 index folder links to its files relatively (../../files/...): show the
+            # folder that holds it.
+            if os.path.basename(path.rstrip("/")) == "simple":
+                path = os.path.dirname(path.rstrip("/"))
+            found.append(path)
+    return found
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _seal(top: Path) -> None:
+    """Hand a finished tree to root, readable by everyone and writable by root alone: sessions
+    run as other uids, and no later build (the same build uid) may change it. Nothing runs in
+    the build's boxes any more, so the tree holds still; links are never followed."""
+    as_root = os.geteuid() == 0
+    _seal_one(str(top), as_root)
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            _seal_one(os.path.join(folder, name), as_root)
+
+
+def _seal_one(path: str, as_root: bool) -> None:
+    info = os.lstat(path)
+    if as_root:
+        os.lchown(path, 0, 0)
+    if stat.S_ISLNK(info.st_mode):
+        return
+    # No set-uid, set-gid or sticky bits, no write but the owner's; read (and search) for all.
+    mode = stat.S_IMODE(info.st_mode) & 0o755 | 0o444
+    if stat.S_ISDIR(info.st_mode) or mode & 0o111:
+        mode |= 0o111
+    os.chmod(path, mode)
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at ``path``, whatever it is; a link is removed, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _create(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "w") as f:
+        f.write(text)
 
 
 class _SizeGuard:

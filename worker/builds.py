@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from worker.builders import Builder, BuildFailed
 from worker.db import as_utc, bulk_update, session_scope
-from worker.launches import record_event
+from worker.launches import printable, record_event
 from worker.models import Build, BuildStatus, EndReason, Launch, LaunchEvent, Phase, Status
 from worker.periodic import every
 
@@ -227,7 +227,7 @@ def _finish_failed(
     notify: Callable[[str], None],
 ) -> None:
     now = clock()
-    tail = "\n".join(tail.splitlines()[-40:])
+    tail = printable("\n".join(tail.splitlines()[-40:]))
     with session_scope(database_url) as db:
         db.execute(
             bulk_update(Build)

@@ -31,6 +31,12 @@ def describe_spec(spec: dict[str, Any]) -> str:
     return f"{spec['repo']}@{spec.get('ref', 'HEAD')}"
 
 
+def printable(text: str) -> str:
+    """Text from a build's output as the database can store it: PostgreSQL refuses NUL in text,
+    and a repository decides what its build prints."""
+    return text.replace("\x00", "\ufffd")
+
+
 def record_event(
     db: Session,
     launch: Launch,
@@ -41,7 +47,11 @@ def record_event(
     now: datetime | None = None,
 ) -> LaunchEvent:
     event = LaunchEvent(
-        launch_id=launch.id, phase=phase, message=message, data=data, created_at=now or utcnow()
+        launch_id=launch.id,
+        phase=phase,
+        message=printable(message),
+        data=data,
+        created_at=now or utcnow(),
     )
     db.add(event)
     return event

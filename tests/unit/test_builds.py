@@ -235,3 +235,10 @@ def test_the_venv_builder_refuses_to_build_where_no_sandbox_can_be_made(
         "Builds run in a sandbox, which this server cannot make: 'bwrap' is not installed"
     )
     assert not (tmp_path / "envs").exists()  # nothing fetched, nothing made
+
+
+def test_build_output_with_nul_bytes_is_stored_as_printable_text() -> None:
+    # PostgreSQL refuses NUL in text columns; a repository decides what its build prints.
+    from worker.launches import printable
+
+    assert printable("a\x00b") == "a\ufffdb"

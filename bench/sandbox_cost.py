@@ -6,9 +6,11 @@ uid, namespaces, cgroups, the forwarders into its network namespace), one with t
 ``EnvironmentSpawner`` (the baseline, as root). Launches alternate between them (the order flips
 each round) so drift on this shared machine hits both alike. Each launch is timed from POST to
 the ``ready`` event and ended afterwards. Then the same number of requests to each kind of
-server's REST API through the proxy, for the per-request cost of the forwarder.
+server's REST API through the proxy, for the per-request cost of the forwarder. Last, the box
+alone, without a Hub: starting a box (cgroups, bubblewrap, namespaces, setpriv) that runs
+``/bin/true`` and ending it, against starting ``/bin/true`` as a plain child process.
 
-    .venv/bin/python bench/sandbox_cost.py [--n 10] [--requests 200]
+    .venv/bin/python bench/sandbox_cost.py [--n 10] [--requests 200] [--boxes 50]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from launch_overhead import (  # noqa: E402
 )
 
 from hublaunch.stack import Stack, StackConfig  # noqa: E402
+from sandbox import box as boxes  # noqa: E402
 
 TARGET_RATIO = 1.10
 TARGET_EXTRA_MS = 300.0
@@ -73,6 +76,27 @@ def request_times(url_with_token: str, n: int) -> list[float]:
     return times
 
 
+def box_cycles(n: int) -> tuple[list[float], list[float]]:
+    """(ms to start a box, run /bin/true in it and end it; ms to run /bin/true as a child)."""
+    import subprocess
+
+    boxed, plain = [], []
+    for i in range(n):
+        name = f"bench-{secrets.token_hex(4)}-{i}"
+        spec = boxes.BoxSpec(name=name, uid=60999, command=["/bin/true"], env={}, cwd="/")
+        t0 = time.perf_counter()
+        box = boxes.start(spec, stdout=subprocess.DEVNULL)
+        box.release()
+        assert box.process is not None
+        box.process.wait(30)
+        box.end()
+        boxed.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True)
+        plain.append((time.perf_counter() - t0) * 1000)
+    return boxed, plain
+
+
 @contextlib.contextmanager
 def stacks(tmp: Path) -> Iterator[dict[str, Stack]]:
     made: dict[str, Stack] = {}
@@ -101,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10, help="launches of each kind")
     parser.add_argument("--requests", type=int, default=200, help="API requests per kind")
+    parser.add_argument("--boxes", type=int, default=50, help="box start/end cycles")
     args = parser.parse_args(argv)
     ready: dict[str, list[float]] = {"sandbox": [], "local": []}
     latency: dict[str, list[float]] = {"sandbox": [], "local": []}
@@ -145,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"forwarder cost at p50: {lbox.p50 - lbare.p50:+.2f} ms, ratio {lbox.p50 / lbare.p50:.3f}"
     )
+    print()
+    boxed, plain = box_cycles(args.boxes)
+    print(header("a box alone: start, run /bin/true, end"))
+    sbox, splain = summarize(boxed), summarize(plain)
+    print(row("in a box", sbox))
+    print(row("plain child (baseline)", splain))
+    assert sbox is not None and splain is not None
+    print(f"box cost at p50: {sbox.p50 - splain.p50:+.1f} ms")
     return 0
 
 

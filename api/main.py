@@ -109,8 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Without the service token: the visitor-facing process only asks whether the Hub
+        # answers; the worker alone drives it.
         app.state.hub = HubClient(
-            settings.hub_api_url, settings.hub_api_token.get_secret_value(), timeout=3.0
+            settings.hub_api_url, "", timeout=3.0
         )
         # One pooled client for health checks (nothing connects until the first check).
         url = redis_url(settings)

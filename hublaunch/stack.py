@@ -37,9 +37,9 @@ HUB_CONFIG = REPO / "hub" / "jupyterhub_config.py"
 # Variables that carry a secret (or say where one is kept), and the children that use each; any
 # other child never sees it, whether the stack set it or the caller's environment holds it.
 SECRET_VARIABLES: dict[str, frozenset[str]] = {
-    # The Hub's service token: the Hub registers it, the worker drives the Hub with it, the API's
-    # health check asks the Hub whether it is accepted (GET /hub/api/user).
-    "HUBLAUNCH_HUB_API_TOKEN": frozenset({"hub", "api", "worker"}),
+    # The Hub's service token: the Hub registers it, the worker drives the Hub with it. (The
+    # API's health check asks only whether the Hub answers, with no token.)
+    "HUBLAUNCH_HUB_API_TOKEN": frozenset({"hub", "worker"}),
     # Between the Hub and the proxy it starts; nothing of hublaunch's talks to the proxy's API.
     "CONFIGPROXY_AUTH_TOKEN": frozenset({"hub"}),
     # The Hub's own database, when it is not the SQLite file in its data folder.

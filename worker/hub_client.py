@@ -166,7 +166,8 @@ class HubClient:
     ) -> None:
         self._http = httpx.Client(
             base_url=api_url.rstrip("/") + "/",
-            headers={"Authorization": f"token {token}"},
+            # No token: only what the Hub answers anyone (the API's health check).
+            headers={"Authorization": f"token {token}"} if token else {},
             timeout=timeout,
             transport=transport,
         )
@@ -342,6 +343,10 @@ class HubClient:
     def ping(self) -> None:
         """Raise HubError unless the Hub API answers and accepts our token."""
         self._request("GET", "user")
+
+    def answers(self) -> None:
+        """Raise HubError unless the Hub API answers (``GET /hub/api/``, open to anyone)."""
+        self._request("GET", "")
 
 
 def _path_only(path: str) -> str:

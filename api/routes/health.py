@@ -42,7 +42,7 @@ def _check_broker(broker: redis.Redis | None) -> str:
 
 def _check_hub(hub: HubClient) -> str:
     try:
-        hub.ping()
+        hub.answers()
     except HubError as e:
         log.warning("health: hub: %s", e.message)
         return "down"

@@ -201,7 +201,7 @@ def test_each_process_holds_only_the_secrets_it_uses(service: Service) -> None:
         # The Hub: its service token and its proxy's token; nothing of hublaunch's own.
         "hub": {HUB_TOKEN, PROXY_TOKEN},
         # The API: launches (database, queue, key to show tokens) and the Hub health check.
-        "api": {DATABASE, BROKER, KEY_FILE, HUB_TOKEN},
+        "api": {DATABASE, BROKER, KEY_FILE},
         "worker": {DATABASE, BROKER, KEY_FILE, HUB_TOKEN},
         # Beat only sends the periodic cleanup task.
         "beat": {BROKER},
@@ -216,7 +216,7 @@ def test_each_process_holds_only_the_secrets_it_uses(service: Service) -> None:
     # By value too, whatever a variable is called: who may hold each secret.
     values = _secrets(service)
     allowed = {
-        "hub token": {"hub", "api", "worker"},
+        "hub token": {"hub", "worker"},
         "proxy token": {"hub", "proxy"},
         "redis password": {"api", "worker", "beat"},
         "fernet key": set(),  # in its file only

@@ -111,9 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Without the service token: the visitor-facing process only asks whether the Hub
         # answers; the worker alone drives it.
-        app.state.hub = HubClient(
-            settings.hub_api_url, "", timeout=3.0
-        )
+        app.state.hub = HubClient(settings.hub_api_url, "", timeout=3.0)
         # One pooled client for health checks (nothing connects until the first check).
         url = redis_url(settings)
         app.state.broker = (

@@ -170,7 +170,7 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
     _box: boxes.Box | None = None
     _bridge: Bridge | None = None
     _ns_fd: int | None = None
-    _output: asyncio.Task[None] | None = None
+    _output: asyncio.Task[None] | None = None  # the output relay (held so it is not collected)
     uid: int | None = None
     host_port: int = 0
     end_reason: str = ""
@@ -227,9 +227,9 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
 
     def spec(self, prefix: str, uid: int, env: dict[str, str]) -> boxes.BoxSpec:
         python = os.path.join(prefix, "bin", "python")
-        mounts: list[str | tuple[str, str]] = []
-        for path in dict.fromkeys((sys.base_prefix, sys.prefix, prefix)):
-            mounts.append(path)
+        mounts: list[str | tuple[str, str]] = list(
+            dict.fromkeys((sys.base_prefix, sys.prefix, prefix))
+        )
         return boxes.BoxSpec(
             name=self.box_name,
             uid=uid,
@@ -257,7 +257,7 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
             ),
         )
 
-    def box_env(self, prefix: str, uid: int) -> dict[str, str]:
+    def box_env(self, prefix: str) -> dict[str, str]:
         self.ip, self.port = "127.0.0.1", self.inner_port
         # Only what the server needs: get_env() is the Hub's JUPYTERHUB_* set (the server's own
         # token, nothing of the service's) plus Spawner.environment.
@@ -286,7 +286,7 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
         # The Hub API, as the box sees it: its own 127.0.0.1, forwarded to the public proxy.
         self.hub_connect_url = f"http://127.0.0.1:{self.inner_hub_port}"
         try:
-            spec = self.spec(prefix, uid, self.box_env(prefix, uid))
+            spec = self.spec(prefix, uid, self.box_env(prefix))
             read_end, write_end = os.pipe()
             try:
                 self._box = await asyncio.to_thread(boxes.start, spec, stdout=write_end)

@@ -4,7 +4,7 @@ HTTP app, a Celery worker and beat. Used by ``hublaunch dev``, the integration t
 Every child listens on 127.0.0.1 on a free port. Secrets reach children through their
 environment, never their command line, and each child gets only the ones it uses
 (``SECRET_VARIABLES``). The data directory is the service's own: its folders 0700, its files
-0600 (the children run with umask 077; the worker's exception is explained at ``UMASKS``).
+0600 (the children run with umask 077).
 """
 
 from __future__ import annotations
@@ -52,12 +52,10 @@ SECRET_VARIABLES: dict[str, frozenset[str]] = {
     "HUBLAUNCH_SECRET_KEY": frozenset({"api", "worker"}),
     "HUBLAUNCH_SECRET_KEY_FILE": frozenset({"api", "worker"}),
 }
-# Files a child creates are its owner's only (0600, folders 0700). The worker is the exception:
-# the environments it builds under envs/ are read by sandboxed sessions running as other uids.
-# What else it writes is private anyway: the key file is created 0600 explicitly, the SQLite
-# database is created 0600 by the stack, and everything is inside the 0700 data directory.
+# Files a child creates are its owner's only (0600, folders 0700). The environments the worker
+# builds, which sessions running as other uids read, get their modes explicitly when a build
+# seals them (worker/builders/venv.py), whatever the umask.
 CHILD_UMASK = 0o077
-UMASKS = {"worker": 0o022}
 
 
 def free_port() -> int:
@@ -216,7 +214,7 @@ class Stack:
         self.procs[name] = subprocess.Popen(
             args,
             env=self.environ(name),
-            umask=UMASKS.get(name, CHILD_UMASK),
+            umask=CHILD_UMASK,
             # The caller's directory, so relative paths in settings mean the same in every child.
             cwd=os.getcwd(),
             stdout=log,

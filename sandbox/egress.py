@@ -81,18 +81,27 @@ INTERNAL_NETWORKS = [
         "ff00::/8",  # multicast
     )
 ]
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def leads_to(address: IPAddress) -> list[IPAddress]:
+    """The address and every IPv4 address connecting to it reaches: an IPv6 address can carry
+    one (IPv4-mapped, NAT64, 6to4, Teredo). Python's ``is_global`` and network membership look
+    at the IPv6 range only, so every check of an address must look at all of these."""
+    found: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        found += [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a]
+        if address in NAT64:
+            found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
 
 
 def is_internal(address: str) -> bool:
     """Whether connecting to ``address`` could reach this machine or its private networks,
     IPv6 addresses that lead to an IPv4 one (mapped, NAT64, 6to4, Teredo) included."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-    if isinstance(ip, ipaddress.IPv6Address):
-        candidates += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a]
-        if ip in NAT64:
-            candidates.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    candidates = leads_to(ipaddress.ip_address(address.split("%")[0]))
     return any(
         a in net for a in candidates for net in INTERNAL_NETWORKS if a.version == net.version
     )

@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sandbox.egress import leads_to
 from worker.settings import Settings
 
 SHORTHANDS = {"gh": "https://github.com/{}", "gl": "https://gitlab.com/{}"}
@@ -28,9 +29,6 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*@\{)[^\x00-\x20~^:?*\[\\]{1,255}$")
 OWNER_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
 MAX_URL = 2048
-# IPv6 ranges that reach an IPv4 address (RFC 6052, 3056, 4380, 4291). Python's is_global looks
-# at the IPv6 range only: 64:ff9b::10.0.0.1 (NAT64 to a private host) counts as global.
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Local-use NAT64 (RFC 8215): the operator's own translator, the IPv4 position varies; refused.
 LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 # Deprecated IPv4-compatible addresses (::a.b.c.d); :: and ::1 are caught as non-global anyway.
@@ -116,17 +114,12 @@ def check_host(url: str, settings: Settings) -> list[str]:
 
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Global, and for IPv6 also every IPv4 address it leads to."""
-    if not address.is_global:
+    """Global, and so is every IPv4 address it leads to (an IPv6 address can carry one)."""
+    if isinstance(address, ipaddress.IPv6Address) and (
+        address in LOCAL_NAT64 or address in IPV4_COMPATIBLE
+    ):
         return False
-    if isinstance(address, ipaddress.IPv4Address):
-        return True
-    if address in LOCAL_NAT64 or address in IPV4_COMPATIBLE:
-        return False
-    embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
-    if address in NAT64:
-        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return all(ip.is_global for ip in embedded if ip is not None)
+    return all(ip.is_global for ip in leads_to(address))
 
 
 def git_env() -> dict[str, str]:

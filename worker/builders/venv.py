@@ -436,6 +436,7 @@ def _remove(path: Path) -> None:
 
 def _create(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    os.fchmod(fd, 0o644)  # readable by the sessions' uids, whatever the worker's umask
     with open(fd, "w") as f:
         f.write(text)
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from launch_overhead import (  # noqa: E402
     BROKER_URL,
+    Summary,
     end_launch,
     forget_queue,
     header,
@@ -97,6 +98,21 @@ def box_cycles(n: int) -> tuple[list[float], list[float]]:
     return boxed, plain
 
 
+def compare(
+    title: str,
+    boxed: list[float],
+    baseline: list[float],
+    labels: tuple[str, str] = ("sandboxed", "unsandboxed (baseline)"),
+) -> tuple[Summary, Summary]:
+    """Print one table: the boxed figures and the baseline's, measured in the same run."""
+    print(header(title))
+    box, bare = summarize(boxed), summarize(baseline)
+    print(row(labels[0], box))
+    print(row(labels[1], bare))
+    assert box is not None and bare is not None
+    return box, bare
+
+
 @contextlib.contextmanager
 def stacks(tmp: Path) -> Iterator[dict[str, Stack]]:
     made: dict[str, Stack] = {}
@@ -151,33 +167,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:>10}: {value}")
     print("   spawner: real jupyterhub-singleuser, SandboxSpawner vs EnvironmentSpawner")
     print()
-    print(header("time-to-ready (POST -> ready)"))
-    box, bare = summarize(ready["sandbox"]), summarize(ready["local"])
-    print(row("sandboxed", box))
-    print(row("unsandboxed (baseline)", bare))
-    assert box is not None and bare is not None
+    box, bare = compare("time-to-ready (POST -> ready)", ready["sandbox"], ready["local"])
     extra, ratio = box.p50 - bare.p50, box.p50 / bare.p50
     print(f"sandbox cost at p50: {extra:+.0f} ms, ratio {ratio:.3f}")
     ok = ratio <= TARGET_RATIO and extra <= TARGET_EXTRA_MS
     verdict = "met" if ok else "NOT met"
     print(f"target <= {TARGET_RATIO:.2f}x and <= {TARGET_EXTRA_MS:.0f} ms: {verdict}")
     print()
-    print(header("GET api/status through the proxy"))
-    lbox, lbare = summarize(latency["sandbox"]), summarize(latency["local"])
-    print(row("sandboxed", lbox))
-    print(row("unsandboxed (baseline)", lbare))
-    assert lbox is not None and lbare is not None
-    print(
-        f"forwarder cost at p50: {lbox.p50 - lbare.p50:+.2f} ms, ratio {lbox.p50 / lbare.p50:.3f}"
-    )
+    box, bare = compare("GET api/status through the proxy", latency["sandbox"], latency["local"])
+    print(f"forwarder cost at p50: {box.p50 - bare.p50:+.2f} ms, ratio {box.p50 / bare.p50:.3f}")
     print()
     boxed, plain = box_cycles(args.boxes)
-    print(header("a box alone: start, run /bin/true, end"))
-    sbox, splain = summarize(boxed), summarize(plain)
-    print(row("in a box", sbox))
-    print(row("plain child (baseline)", splain))
-    assert sbox is not None and splain is not None
-    print(f"box cost at p50: {sbox.p50 - splain.p50:+.1f} ms")
+    box, bare = compare(
+        "a box alone: start, run /bin/true, end",
+        boxed,
+        plain,
+        ("in a box", "plain child (baseline)"),
+    )
+    print(f"box cost at p50: {box.p50 - bare.p50:+.1f} ms")
     return 0
 
 

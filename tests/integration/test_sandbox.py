@@ -134,6 +134,11 @@ def test_a_session_is_its_own_unprivileged_user_with_nothing_of_the_service(
             except OSError:
                 pass
     results["environs"] = "OK:" + "|".join(envs)
+    results["ns"] = "OK:" + json.dumps(
+        {k: os.stat("/proc/self/ns/" + k).st_ino for k in ("ipc", "uts", "mnt", "pid", "net")})
+    results["hostname"] = "OK:" + socket.gethostname()
+    st = os.statvfs(os.path.expanduser("~"))
+    results["home bytes"] = "OK:%d" % (st.f_blocks * st.f_frsize)
     """
     one, two = probe(first, body), probe(second, body)
     uids = {int(r["uid"][3:]) for r in (one, two)}
@@ -148,6 +153,27 @@ def test_a_session_is_its_own_unprivileged_user_with_nothing_of_the_service(
         assert not [k for k in env if k.startswith(("HUBLAUNCH_", "CONFIGPROXY"))], env.keys()
         for secret in secrets_of(real_stack):
             assert secret not in r["env"] and secret not in r["environs"]
+        # Its own IPC, UTS, mount, PID and network namespaces: none shared with the host (this
+        # test runs on the host) or with the other session.
+        ours = {
+            k: os.stat(f"/proc/self/ns/{k}").st_ino for k in ("ipc", "uts", "mnt", "pid", "net")
+        }
+        theirs = json.loads(r["ns"][3:])
+        assert all(theirs[k] != ours[k] for k in ours), theirs
+        assert r["hostname"] == "OK:jupyter"
+        assert int(r["home bytes"][3:]) == 2**30  # HUBLAUNCH_SESSION_HOME_BYTES' default
+    first_ns, second_ns = json.loads(one["ns"][3:]), json.loads(two["ns"][3:])
+    assert all(first_ns[k] != second_ns[k] for k in first_ns)
+    # Its limits, as the host's cgroups hold them (this stack: 1 GiB, 512 processes, 1 CPU).
+    for session in sessions:
+        group = f"hublaunch/session-{session['user']}"
+        assert (CGROUPS / "memory" / group / "memory.limit_in_bytes").read_text().strip() == str(
+            2**30
+        )
+        assert (CGROUPS / "pids" / group / "pids.max").read_text().strip() == "512"
+        cpu = CGROUPS / "cpu" / group
+        quota = int((cpu / "cpu.cfs_quota_us").read_text())
+        assert quota == int((cpu / "cpu.cfs_period_us").read_text())  # one CPU's time
 
 
 def test_a_session_cannot_read_the_services_files_or_processes(
@@ -223,7 +249,11 @@ def test_a_session_writes_only_its_home_and_tmp_and_sees_no_other_home(
     real_stack: Stack, sessions: list[dict[str, Any]]
 ) -> None:
     first, second = sessions
-    probe(first, 'probe("mark", lambda: write(os.path.expanduser("~/first-was-here")))')
+    probe(
+        first,
+        'probe("mark", lambda: write(os.path.expanduser("~/first-was-here")))\n'
+        'probe("mark tmp", lambda: write("/tmp/first-was-here"))',
+    )
     prefix = os.path.dirname(os.path.dirname(os.__file__))
     body = f"""
     probe("control: home", lambda: write(os.path.expanduser("~/ok")))
@@ -232,6 +262,7 @@ def test_a_session_writes_only_its_home_and_tmp_and_sees_no_other_home(
                  {str(real_stack.config.data_dir / "evil")!r}, "/home/evil"]:
         probe("write " + path, lambda: write(path))
     probe("the other home", lambda: read(os.path.expanduser("~/first-was-here")))
+    probe("the other /tmp", lambda: read("/tmp/first-was-here"))
     found = []
     for top in ["/home", "/tmp", "/work", "/root"]:
         for root, dirs, names in os.walk(top):

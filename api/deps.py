@@ -1,4 +1,4 @@
-"""Request dependencies: settings, the database session (which owns commit/rollback)."""
+"""Request dependencies: settings, a read-only session, and the units of work for writes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from worker.db import session_scope
+from worker.db import reading
 from worker.settings import Settings
+from worker.unit_of_work import Units
 
 
 def get_settings(request: Request) -> Settings:
@@ -17,10 +18,17 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_units(request: Request) -> Units:
+    units: Units = request.app.state.units
+    return units
+
+
 def get_db(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    with session_scope(settings.database_url) as db:
+    with reading(settings.database_url) as db:
         yield db
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+UnitsDep = Annotated[Units, Depends(get_units)]
+# Reads only: handlers that change something go through ``api.intake`` and a unit of work.
 DbDep = Annotated[Session, Depends(get_db)]

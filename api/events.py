@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from worker import launches
+from worker import queries
 from worker.crypto import reveal
-from worker.db import session_scope
+from worker.db import reading
 from worker.models import LaunchEvent, Phase, Status
 from worker.notify import channel, redis_url
 from worker.settings import Settings
@@ -29,12 +29,12 @@ FINAL_PHASES = frozenset({Phase.ready, Phase.failed})
 
 
 def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[str, Any]], bool]:
-    with session_scope(settings.database_url) as db:
-        launch = launches.get_launch(db, launch_id)
+    with reading(settings.database_url) as db:
+        launch = queries.get_launch(db, launch_id)
         if launch is None:
             return [], True
         out = []
-        for event in launches.events_after(db, launch_id, after_id):
+        for event in queries.events_after(db, launch_id, after_id):
             payload = _payload(event)
             if event.phase == Phase.ready:
                 # BinderHub's ready event names the image it launched.
@@ -52,7 +52,7 @@ def _already_finished(settings: Settings, launch_id: str, seen_id: int) -> bool:
     after the stream closes; it must get a closed stream, not a stream that waits forever)."""
     if seen_id <= 0:
         return False
-    with session_scope(settings.database_url) as db:
+    with reading(settings.database_url) as db:
         seen = db.scalars(
             select(LaunchEvent.phase).where(
                 LaunchEvent.launch_id == launch_id, LaunchEvent.id <= seen_id

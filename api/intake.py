@@ -1,4 +1,4 @@
-"""Accepting a launch: check the request, record it, commit, then send it to the queue.
+"""Accepting a launch: check the request, record it, and have it sent once it is committed.
 
 Shared by the JSON API and the BinderHub-compatible /build stream; each maps ``Refused`` to its
 own way of saying no (an HTTP status, or a ``failed`` event).
@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.orm import Session
-
 from api.schemas import LaunchRequest
-from worker import launches, repos
-from worker.enqueue import QueueUnavailable, send_launch
-from worker.models import EndReason, Launch, Phase, Status
+from worker import repos, transitions
+from worker.broker import QueueUnavailable, launch_message, teardown_message
+from worker.db import utcnow
+from worker.models import Launch
+from worker.queries import get_launch
 from worker.settings import Settings
+from worker.unit_of_work import Units
 
 log = logging.getLogger(__name__)
+
+QUEUE_DOWN = "The launch queue is unavailable; nothing was started. Try again shortly."
+END_NOT_SENT = "The queue is unavailable; the end is recorded. Send DELETE again shortly."
 
 
 class Refused(Exception):
@@ -28,7 +32,7 @@ class Refused(Exception):
         self.message = message
 
 
-def accept(db: Session, settings: Settings, body: LaunchRequest) -> Launch:
+def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
     spec = body.spec()
     if body.repo is not None:
         try:
@@ -42,18 +46,33 @@ def accept(db: Session, settings: Settings, body: LaunchRequest) -> Launch:
     lifetime = body.lifetime or settings.session_max_age
     if lifetime > settings.session_max_age:
         raise Refused(422, f"lifetime must be at most {settings.session_max_age} seconds")
-    launch = launches.create_launch(db, spec, lifetime=lifetime, timeout=settings.launch_timeout)
-    # The task names a committed row, never one that might still roll back.
-    db.commit()
     try:
-        send_launch(launch.id)
+        with units.begin() as uow:
+            launch = transitions.create(
+                uow, spec, lifetime=lifetime, timeout=settings.launch_timeout, now=utcnow()
+            )
+            uow.send(launch_message(launch.id))
     except QueueUnavailable as e:
+        # The row is committed but no task will run it: say so on the row and to the caller.
         log.error("launch %s: queue unavailable: %s", launch.id, e)
-        launch.status = Status.failed
-        launch.error = "The launch queue is unavailable; nothing was started. Try again shortly."
-        launch.end_reason = EndReason.failed
-        launch.ended_at = launch.user_removed_at = launch.updated_at
-        launches.record_event(db, launch, Phase.failed, launch.error)
-        db.commit()
-        raise Refused(503, launch.error) from e
+        with units.begin() as uow:
+            failed = get_launch(uow.db, launch.id)
+            if failed is not None and not failed.is_terminal:
+                transitions.mark_failed(uow, failed, QUEUE_DOWN, now=utcnow(), user_removed=True)
+        raise Refused(503, QUEUE_DOWN) from e
+    return launch
+
+
+def end(units: Units, launch_id: str) -> Launch | None:
+    """The owner asks to end a launch: recorded, and the teardown sent when nothing else will
+    do it. None when there is no such launch."""
+    try:
+        with units.begin() as uow:
+            launch = get_launch(uow.db, launch_id)
+            if launch is None:
+                return None
+            if transitions.request_end(uow, launch, now=utcnow()):
+                uow.send(teardown_message(launch.id))
+    except QueueUnavailable as e:
+        raise Refused(503, END_NOT_SENT) from e
     return launch

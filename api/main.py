@@ -17,9 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.pages import STATIC_DIR, not_found
 from api.routes import binder, health, launches, pages
+from worker.broker import Broker, CeleryBroker
 from worker.hub_client import HubClient
 from worker.notify import redis_url
 from worker.settings import Settings, get_settings
+from worker.unit_of_work import Units
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,8 @@ def _describe(errors: list[Any]) -> str:
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):
+        raise TypeError(f"registered for RequestValidationError, got {type(exc).__name__}")
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse({"detail": "Request body is not valid JSON."}, 400)
@@ -98,13 +101,15 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """JSON under /api/ (what scripts read); a plain page elsewhere (what people see)."""
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):
+        raise TypeError(f"registered for HTTPException, got {type(exc).__name__}")
     if exc.status_code == 404 and not request.url.path.startswith("/api/"):
         return not_found(request)
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
+    """``broker`` defaults to Celery on the settings' broker URL (built on first send)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -134,6 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.settings = settings
+    # Writes commit, then send, through these; the doorbell is the worker's business.
+    app.state.units = Units(settings.database_url, broker or CeleryBroker(settings))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(launches.router)

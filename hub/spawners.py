@@ -320,7 +320,8 @@ class SandboxSpawner(ImageChoice, Spawner):  # type: ignore[misc]
 
     async def _attach(self) -> None:
         """Open the box's forwarders: host port -> its server, its Hub port -> the proxy."""
-        assert self._box is not None
+        if self._box is None:
+            raise RuntimeError("no box to attach to: start() or load_state() comes first")
         self._ns_fd = self._box.ns_fd()
         self._bridge = Bridge(self._ns_fd)
         self.host_port = await self._bridge.expose(self.inner_port, self.host_port)

@@ -101,7 +101,8 @@ class _Relay(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError(f"a stream transport was expected, got {type(transport).__name__}")
         self.transport = transport
 
     def link(self, peer: _Relay) -> None:

@@ -1,12 +1,18 @@
-"""An in-memory stand-in for HubClient, for unit tests of the launch steps only."""
+"""In-memory stand-ins for the Hub and the broker, for unit tests of the domain only."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from worker import transitions
+from worker.broker import BUILD_TASK, Message, QueueUnavailable
+from worker.db import session_scope, utcnow
 from worker.hub_client import (
     HubNotFound,
     HubRequestError,
@@ -15,6 +21,8 @@ from worker.hub_client import (
     HubUser,
     ServerState,
 )
+from worker.models import Build, Launch
+from worker.unit_of_work import UnitOfWork
 
 
 @dataclass
@@ -112,3 +120,40 @@ class FakeHub:
             raise HubRequestError("Hub answered 400", status=400, detail="still stopping")
         del self.users[name]
         return True
+
+
+class RecordingBroker:
+    """Records the messages it is given instead of queueing them, and checks what the real
+    queue relies on: each names a row that is already committed (read on a connection of its
+    own, which cannot see an open transaction)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.sent: list[Message] = []
+        self.down = False
+
+    def send(self, message: Message) -> None:
+        if self.down:
+            raise QueueUnavailable("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        model: type[Launch] | type[Build] = Build if message.task == BUILD_TASK else Launch
+        with session_scope(self.database_url) as db:
+            if db.get(model, message.argument) is None:
+                raise AssertionError(f"{message.task} sent for {message.argument}, not committed")
+        self.sent.append(message)
+
+    def arguments(self, task: str) -> list[str]:
+        return [m.argument for m in self.sent if m.task == task]
+
+
+def insert_launch(
+    db: Session,
+    spec: dict[str, Any],
+    *,
+    lifetime: int,
+    now: datetime | None = None,
+    timeout: int = 600,
+) -> Launch:
+    """A queued launch written as the intake writes it, in the caller's own transaction (test
+    set-up: nothing is sent)."""
+    uow = UnitOfWork(db)
+    return transitions.create(uow, spec, lifetime=lifetime, timeout=timeout, now=now or utcnow())

@@ -16,15 +16,19 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from worker import transitions
+from worker.broker import launch_message
 from worker.builders import Builder, BuildFailed
-from worker.db import as_utc, bulk_update, session_scope
-from worker.launches import printable, record_event
-from worker.models import Build, BuildStatus, EndReason, Launch, LaunchEvent, Phase, Status
+from worker.db import as_utc, bulk_update, rowcount
+from worker.models import Build, BuildStatus, Launch, Phase, Status
 from worker.periodic import every
+from worker.queries import has_event
+from worker.transitions import printable
+from worker.unit_of_work import UnitOfWork, Units
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class Decision(enum.Enum):
 def _insert_ignore(db: Session, values: dict[str, Any]) -> bool:
     dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(Build).values(**values).on_conflict_do_nothing(index_elements=["name"])
-    return bool(db.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    return bool(rowcount(db, stmt))
 
 
 def _claim(db: Session, build: Build, now: datetime) -> bool:
@@ -65,15 +69,21 @@ def _claim(db: Session, build: Build, now: datetime) -> bool:
     )
     if build.status == BuildStatus.building:
         stmt = stmt.where(Build.heartbeat_at < now - STALE_AFTER)
-    won = bool(db.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    won = bool(rowcount(db, stmt))
     db.refresh(build)
     return won
 
 
-def decide(db: Session, launch: Launch, builder: Builder, now: datetime) -> Decision:
+class Unresolved(Exception):
+    """``decide`` was asked about a launch whose ref was not resolved yet (a bug)."""
+
+
+def decide(uow: UnitOfWork, launch: Launch, builder: Builder, now: datetime) -> Decision:
     """What a repository launch does about its environment; records the matching event once."""
+    db = uow.db
     name = launch.env_name
-    assert name is not None and launch.commit is not None
+    if name is None or launch.commit is None:
+        raise Unresolved(launch.id)
     build = db.get(Build, name)
     if build is None:
         if builder.exists(name):
@@ -90,7 +100,7 @@ def decide(db: Session, launch: Launch, builder: Builder, now: datetime) -> Deci
                     "last_used_at": now,
                 },
             )
-            return _ready(db, launch, now, "Found a built environment")
+            return _ready(uow, launch, now, "Found a built environment")
         claimed = _insert_ignore(
             db,
             {
@@ -105,13 +115,14 @@ def decide(db: Session, launch: Launch, builder: Builder, now: datetime) -> Deci
             },
         )
         if claimed:
-            return _waiting(db, launch, now, Decision.start, "Building the environment")
+            return _waiting(uow, launch, now, Decision.start, "Building the environment")
         build = db.get(Build, name)
-        assert build is not None
+        if build is None:  # the row that won the INSERT was deleted since: look again later
+            return _waiting(uow, launch, now, Decision.wait, "Waiting for a build already running")
     db.refresh(build)
     if build.status == BuildStatus.built and builder.exists(name):
         build.last_used_at = now
-        return _ready(db, launch, now, "Found a built environment")
+        return _ready(uow, launch, now, "Found a built environment")
     if (
         build.status == BuildStatus.failed
         and build.finished_at is not None
@@ -121,36 +132,29 @@ def decide(db: Session, launch: Launch, builder: Builder, now: datetime) -> Deci
     if build.status == BuildStatus.building:
         heartbeat = as_utc(build.heartbeat_at) if build.heartbeat_at else now - 2 * STALE_AFTER
         if heartbeat >= now - STALE_AFTER or not _claim(db, build, now):
-            return _waiting(db, launch, now, Decision.wait, "Waiting for a build already running")
+            return _waiting(uow, launch, now, Decision.wait, "Waiting for a build already running")
         log.warning("build %s lost its worker; building again", name)
         return _waiting(
-            db, launch, now, Decision.start, "The previous build stopped; building again"
+            uow, launch, now, Decision.start, "The previous build stopped; building again"
         )
     if _claim(db, build, now):
-        return _waiting(db, launch, now, Decision.start, "Building the environment")
-    return _waiting(db, launch, now, Decision.wait, "Waiting for a build already running")
+        return _waiting(uow, launch, now, Decision.start, "Building the environment")
+    return _waiting(uow, launch, now, Decision.wait, "Waiting for a build already running")
 
 
-def _ready(db: Session, launch: Launch, now: datetime, message: str) -> Decision:
-    if not _has_event(db, launch, Phase.built):
-        record_event(db, launch, Phase.built, message, now=now)
+def _ready(uow: UnitOfWork, launch: Launch, now: datetime, message: str) -> Decision:
+    if not has_event(uow.db, launch.id, Phase.built):
+        transitions.note(uow, launch, Phase.built, message, now=now)
     return Decision.ready
 
 
 def _waiting(
-    db: Session, launch: Launch, now: datetime, decision: Decision, message: str
+    uow: UnitOfWork, launch: Launch, now: datetime, decision: Decision, message: str
 ) -> Decision:
     # Polling a running build must not repeat the same line on every look.
-    if decision == Decision.start or not _has_event(db, launch, Phase.building):
-        record_event(db, launch, Phase.building, message, now=now)
+    if decision == Decision.start or not has_event(uow.db, launch.id, Phase.building):
+        transitions.note(uow, launch, Phase.building, message, now=now)
     return decision
-
-
-def _has_event(db: Session, launch: Launch, phase: Phase) -> bool:
-    query = select(func.count()).where(
-        LaunchEvent.launch_id == launch.id, LaunchEvent.phase == phase
-    )
-    return bool(db.scalar(query))
 
 
 def failure_message(build: Build | None) -> str:
@@ -161,23 +165,19 @@ def failure_message(build: Build | None) -> str:
 
 
 def run_build(
-    database_url: str,
-    builder: Builder,
-    name: str,
-    *,
-    clock: Callable[[], datetime],
-    notify: Callable[[str], None],
+    units: Units, builder: Builder, name: str, *, clock: Callable[[], datetime]
 ) -> list[str]:
-    """Build ``name`` if its row says a build is owed; returns the launches to send on."""
-    with session_scope(database_url) as db:
-        build = db.get(Build, name)
+    """Build ``name`` if its row says a build is owed; the launches waiting for it are sent on
+    (after the commit). Returns their ids."""
+    with units.begin() as uow:
+        build = uow.db.get(Build, name)
         if build is None or build.status != BuildStatus.building:
             return []
         repo, commit = build.repo, build.commit
-    relay = _LogRelay(database_url, name, clock, notify)
+    relay = _LogRelay(units, name, clock)
     try:
         with (
-            every(HEARTBEAT_SECONDS, lambda: _heartbeat(database_url, name, clock)),
+            every(HEARTBEAT_SECONDS, lambda: _heartbeat(units, name, clock)),
             every(LOG_FLUSH_SECONDS, relay.flush),
         ):
             try:
@@ -186,15 +186,15 @@ def run_build(
                 relay.flush()
     except BuildFailed as e:
         log.warning("build %s failed: %s", name, e.message)
-        _finish_failed(database_url, name, f"{e.message}\n{e.tail}".strip(), clock, notify)
+        _finish_failed(units, name, f"{e.message}\n{e.tail}".strip(), clock)
         return []
     except Exception:
         log.exception("build %s: unexpected error", name)
-        _finish_failed(database_url, name, "internal error while building", clock, notify)
+        _finish_failed(units, name, "internal error while building", clock)
         return []
     now = clock()
-    with session_scope(database_url) as db:
-        db.execute(
+    with units.begin() as uow:
+        uow.db.execute(
             bulk_update(Build)
             .where(Build.name == name)
             .values(
@@ -205,11 +205,10 @@ def run_build(
                 heartbeat_at=now,
             )
         )
-        waiting = list(db.scalars(_waiting_launches(name)))
+        waiting = list(uow.db.scalars(_waiting_launches(name)))
         for launch in waiting:
-            record_event(db, launch, Phase.built, "Built the environment", now=now)
-    for launch in waiting:
-        notify(launch.id)
+            transitions.note(uow, launch, Phase.built, "Built the environment", now=now)
+            uow.send(launch_message(launch.id))
     return [launch.id for launch in waiting]
 
 
@@ -219,53 +218,37 @@ def _waiting_launches(name: str) -> Any:
     )
 
 
-def _finish_failed(
-    database_url: str,
-    name: str,
-    tail: str,
-    clock: Callable[[], datetime],
-    notify: Callable[[str], None],
-) -> None:
+def _finish_failed(units: Units, name: str, tail: str, clock: Callable[[], datetime]) -> None:
     now = clock()
     tail = printable("\n".join(tail.splitlines()[-40:]))
-    with session_scope(database_url) as db:
-        db.execute(
+    with units.begin() as uow:
+        uow.db.execute(
             bulk_update(Build)
             .where(Build.name == name)
             .values(status=BuildStatus.failed, log_tail=tail, finished_at=now)
         )
-        build = db.get(Build, name)
-        message = failure_message(build)
-        waiting = list(db.scalars(_waiting_launches(name)))
-        for launch in waiting:
+        message = failure_message(uow.db.get(Build, name))
+        for launch in uow.db.scalars(_waiting_launches(name)):
             # Nothing exists on the Hub yet: builds come before the Hub user.
-            launch.status = Status.failed
-            launch.error = message
-            launch.end_reason = EndReason.failed
-            launch.ended_at = launch.updated_at = launch.user_removed_at = now
-            record_event(db, launch, Phase.failed, message, now=now)
-    for launch in waiting:
-        notify(launch.id)
+            transitions.mark_failed(uow, launch, message, now=now, user_removed=True)
 
 
-def evict(
-    database_url: str, builder: Builder, budget: int, clock: Callable[[], datetime]
-) -> list[str]:
+def evict(units: Units, builder: Builder, budget: int, clock: Callable[[], datetime]) -> list[str]:
     """Remove least recently used environments no live session uses, until under budget."""
     sizes = builder.sizes()
     total = sum(sizes.values())
     if total <= budget:
         return []
     evicted = []
-    with session_scope(database_url) as db:
+    with units.begin() as uow:
         in_use = set(
-            db.scalars(
+            uow.db.scalars(
                 select(Launch.env_name).where(
                     Launch.user_removed_at.is_(None), Launch.env_name.is_not(None)
                 )
             )
         )
-        candidates = db.scalars(
+        candidates = uow.db.scalars(
             select(Build)
             .where(Build.status == BuildStatus.built)
             .order_by(Build.last_used_at.asc().nulls_first())
@@ -284,10 +267,10 @@ def evict(
     return evicted
 
 
-def _heartbeat(database_url: str, name: str, clock: Callable[[], datetime]) -> None:
+def _heartbeat(units: Units, name: str, clock: Callable[[], datetime]) -> None:
     try:
-        with session_scope(database_url) as db:
-            db.execute(
+        with units.begin() as uow:
+            uow.db.execute(
                 bulk_update(Build)
                 .where(Build.name == name, Build.status == BuildStatus.building)
                 .values(heartbeat_at=clock())
@@ -299,14 +282,8 @@ def _heartbeat(database_url: str, name: str, clock: Callable[[], datetime]) -> N
 class _LogRelay:
     """Build output becomes `building` events of every launch waiting for this build."""
 
-    def __init__(
-        self,
-        database_url: str,
-        name: str,
-        clock: Callable[[], datetime],
-        notify: Callable[[str], None],
-    ) -> None:
-        self._url, self._name, self._clock, self._notify = database_url, name, clock, notify
+    def __init__(self, units: Units, name: str, clock: Callable[[], datetime]) -> None:
+        self._units, self._name, self._clock = units, name, clock
         self._lines: list[str] = []
         self._lock = threading.Lock()
 
@@ -320,13 +297,10 @@ class _LogRelay:
         if not lines:
             return
         try:
-            with session_scope(self._url) as db:
-                waiting = list(db.scalars(_waiting_launches(self._name)))
+            with self._units.begin() as uow:
                 now = self._clock()
-                for launch in waiting:
+                for launch in uow.db.scalars(_waiting_launches(self._name)):
                     for text in lines:
-                        record_event(db, launch, Phase.building, text, now=now)
-            for launch in waiting:
-                self._notify(launch.id)
+                        transitions.note(uow, launch, Phase.building, text, now=now)
         except Exception:
             log.exception("build %s: could not record build output", self._name)

@@ -7,8 +7,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
+from worker.broker import BUILD_TASK, CULL_TASK
 from worker.db import dispose_all
-from worker.enqueue import BUILD_TASK, CULL_TASK
 from worker.settings import Settings, get_settings
 
 

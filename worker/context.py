@@ -1,38 +1,74 @@
-"""Per-process resources for the tasks: the Hub client, the token cipher, the event notifier."""
+"""What the worker's steps need, built once per worker process from its settings."""
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from worker.builders import make_builder
+from cryptography.fernet import Fernet
+
+from worker import repos
+from worker.broker import CeleryBroker
+from worker.builders import Builder, make_builder
 from worker.crypto import cipher
+from worker.db import as_utc, utcnow
 from worker.hub_client import HubClient
-from worker.launcher import LaunchContext
+from worker.models import Launch
 from worker.notify import Notifier
-from worker.settings import get_settings
+from worker.repos import RepoSpec
+from worker.settings import Settings, get_settings
+from worker.unit_of_work import Units
 
-log = logging.getLogger(__name__)
+
+class NoBuilder(Exception):
+    """A repository launch reached a worker configured without a builder."""
 
 
-@functools.cache
-def _context(pid: int) -> LaunchContext:
-    settings = get_settings()
+@dataclass
+class WorkerContext:
+    settings: Settings
+    hub: HubClient
+    cipher: Fernet
+    # Transactions, and the messages and doorbells that go out after they commit.
+    units: Units
+    clock: Callable[[], datetime] = field(default=utcnow)
+    builder: Builder | None = None
+    resolve: Callable[[RepoSpec, Settings], str] = repos.resolve
+
+    def deadline(self, launch: Launch) -> datetime:
+        if launch.deadline_at is not None:
+            return as_utc(launch.deadline_at)
+        return as_utc(launch.created_at) + timedelta(seconds=self.settings.launch_timeout)
+
+    def need_builder(self) -> Builder:
+        if self.builder is None:
+            raise NoBuilder("repository launches need a builder (HUBLAUNCH_BUILDER)")
+        return self.builder
+
+
+def build_context(settings: Settings) -> WorkerContext:
     hub = HubClient(
         settings.hub_api_url,
         settings.hub_api_token.get_secret_value(),
         timeout=settings.hub_request_timeout,
     )
-    return LaunchContext(
+    return WorkerContext(
         settings=settings,
         hub=hub,
         cipher=cipher(settings),
-        notify=Notifier(settings).publish,
+        units=Units(settings.database_url, CeleryBroker(settings), Notifier(settings).publish),
         builder=make_builder(settings),
     )
 
 
-def launch_context() -> LaunchContext:
+@functools.cache
+def _context(pid: int) -> WorkerContext:
+    return build_context(get_settings())
+
+
+def worker_context() -> WorkerContext:
     # Keyed by pid: a forked child never reuses its parent's sockets.
     return _context(os.getpid())

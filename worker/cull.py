@@ -14,31 +14,27 @@ and never one whose launch is still live.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
-from worker.db import as_utc, bulk_update, session_scope
-from worker.enqueue import send_launch
+from worker import transitions
+from worker.context import WorkerContext
+from worker.db import as_utc, bulk_update
 from worker.hub_client import HubError, HubUser
-from worker.launcher import (
-    DONE,
-    STOP_WAIT_SECONDS,
-    LaunchContext,
-    remove_hub_user,
-    teardown,
-)
-from worker.launches import get_launch, record_event
-from worker.models import EndReason, Launch, Phase, Status
+from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
+from worker.models import EndReason, Launch, Status
+from worker.outcome import DONE
+from worker.teardown import teardown
+from worker.transitions import STARTING, Claimed
+from worker.unit_of_work import Undelivered, UnitOfWork, Units
 
 log = logging.getLogger(__name__)
 
-STARTING = (Status.queued, Status.building, Status.launching)
 # A row claimed by a pass is left alone by other passes for this long (a pass that dies
 # releases nothing; the lease lets the next pass take over).
 LEASE = timedelta(minutes=5)
@@ -57,64 +53,66 @@ class Action:
     result: str
 
 
-def cull_pass(
-    ctx: LaunchContext,
-    *,
-    dry_run: bool = False,
-    resend: Callable[[str], None] = send_launch,
-) -> list[Action]:
-    """Run one pass now (``ctx.clock()`` is "now", so tests move time instead of sleeping)."""
+def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
+    """Run one pass now (``ctx.clock()`` is "now", so tests move time instead of sleeping).
+
+    Everything read from the Hub is read before the transaction opens, and every Hub change is
+    made after it committed: no database transaction waits on the Hub.
+    """
     now = ctx.clock()
-    settings = ctx.settings
     hub_users = _list_hub_users(ctx)
     listed_at = now
+    stopped = _stopped_by_reason(ctx, hub_users) if hub_users is not None else {}
     actions: list[Action] = []
     claimed: list[tuple[str, str | None, str]] = []  # (category, user, launch id)
+    lost: Claimed = []
+    orphans: list[str] = []
+    undelivered: set[str] = set()
 
-    with session_scope(settings.database_url) as db:
-        for launch_id, user in _stuck(ctx, db, now, dry_run):
-            claimed.append(("stuck", user, launch_id))
-        for launch_id, user in _end(db, now, EndReason.expired, _expired(now), dry_run):
-            claimed.append(("expired", user, launch_id))
-        if hub_users is not None:
-            # Ready sessions whose user is still there but whose server stopped (it crashed,
-            # or the Hub was restarted with cleanup_servers): nothing to come back to.
-            stopped = _stopped_by_reason(ctx, hub_users)
-            for reason, stopped_names in stopped.items():
-                for names in _chunks(stopped_names):
-                    condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
-                    for launch_id, user in _end(db, now, reason, condition, dry_run):
-                        claimed.append(("stopped", user, launch_id))
-            idle = _idle_names(ctx, hub_users, now)
-            for names in _chunks(idle):
-                condition = Launch.hub_user.in_(names)
-                for launch_id, user in _end(db, now, EndReason.idle, condition, dry_run):
-                    claimed.append(("idle", user, launch_id))
-        for launch_id, user in _owed_removals(db, now, dry_run):
-            claimed.append(("removal", user, launch_id))
-        lost = _lost(ctx, db, now, dry_run)
-        orphans: list[str] = []
-        if hub_users is not None:
-            orphans = _orphans(ctx, db, hub_users, now)
-            actions += _ghosts(db, hub_users, listed_at, now, dry_run)
+    try:
+        with ctx.units.begin() as uow:
+            claims = _Claims(uow, now, dry_run)
+            for launch_id, user in claims.stuck(ctx.settings.launch_timeout):
+                claimed.append(("stuck", user, launch_id))
+            for launch_id, user in claims.end(EndReason.expired, _expired(now)):
+                claimed.append(("expired", user, launch_id))
+            if hub_users is not None:
+                # Ready sessions whose user is still there but whose server stopped (it
+                # crashed, or the Hub was restarted with cleanup_servers): nothing to come
+                # back to.
+                for reason, stopped_names in stopped.items():
+                    for names in _chunks(stopped_names):
+                        condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
+                        for launch_id, user in claims.end(reason, condition):
+                            claimed.append(("stopped", user, launch_id))
+                for names in _chunks(_idle_names(ctx, hub_users, now)):
+                    for launch_id, user in claims.end(EndReason.idle, Launch.hub_user.in_(names)):
+                        claimed.append(("idle", user, launch_id))
+            for launch_id, user in claims.owed_removals():
+                claimed.append(("removal", user, launch_id))
+            lost = claims.lost(ctx.settings.redispatch_after)
+            if hub_users is not None:
+                orphans = _orphans(ctx, uow.db, hub_users, now)
+                actions += _ghosts(uow, hub_users, listed_at, now, dry_run)
+    except Undelivered as e:  # committed; the next pass re-sends what the broker refused
+        undelivered = {message.argument for message in e.messages}
 
     for launch_id, user in lost:
-        actions.append(
-            Action(
-                "lost", user, launch_id, "would re-send" if dry_run else _resend(resend, launch_id)
-            )
-        )
+        result = "would re-send" if dry_run else "re-sent"
+        if launch_id in undelivered:
+            result = "error: QueueUnavailable"
+        actions.append(Action("lost", user, launch_id, result))
     if dry_run:
         actions += [Action(c, u, i, f"would {_verb(c)}") for c, u, i in claimed]
         actions += [Action("orphan", name, None, "would delete") for name in orphans]
         return actions
 
-    with ThreadPoolExecutor(settings.cull_concurrency, thread_name_prefix="cull") as pool:
+    with ThreadPoolExecutor(ctx.settings.cull_concurrency, thread_name_prefix="cull") as pool:
         listed = hub_users or {}
         removals = pool.map(lambda c: _remove_launch_user(ctx, c[0], c[1], c[2], listed), claimed)
         deletions = pool.map(lambda name: _remove_orphan(ctx, name, listed.get(name)), orphans)
         actions += list(removals) + list(deletions)
-    _release([launch_id for _, _, launch_id in claimed], settings.database_url)
+    _release([launch_id for _, _, launch_id in claimed], ctx.units)
     for action in actions:
         log.info(
             "cull: %s %s %s: %s", action.category, action.user, action.launch_id, action.result
@@ -123,7 +121,7 @@ def cull_pass(
 
 
 def _stopped_by_reason(
-    ctx: LaunchContext, hub_users: dict[str, HubUser]
+    ctx: WorkerContext, hub_users: dict[str, HubUser]
 ) -> dict[EndReason, list[str]]:
     """Users whose server stopped, by why: the sandbox records "out of memory" in the spawner's
     state; anything else (a crash, a Hub restart without its servers) is "gone"."""
@@ -147,7 +145,7 @@ def _verb(category: str) -> str:
 # -- reading the Hub -------------------------------------------------------------
 
 
-def _list_hub_users(ctx: LaunchContext) -> dict[str, HubUser] | None:
+def _list_hub_users(ctx: WorkerContext) -> dict[str, HubUser] | None:
     prefix = ctx.settings.user_prefix
     try:
         return {
@@ -166,7 +164,7 @@ def _running(user: HubUser) -> bool:
     return server is not None and (server.ready or server.pending is not None)
 
 
-def _idle_names(ctx: LaunchContext, users: dict[str, HubUser], now: datetime) -> list[str]:
+def _idle_names(ctx: WorkerContext, users: dict[str, HubUser], now: datetime) -> list[str]:
     cutoff = now - timedelta(seconds=ctx.settings.idle_timeout)
     idle = []
     for user in users.values():
@@ -194,103 +192,86 @@ def _expired(now: datetime) -> ColumnElement[bool]:
     return and_(Launch.expires_at.is_not(None), Launch.expires_at < now)
 
 
-def _claim(
-    db: Session, where: ColumnElement[bool], values: dict[str, Any], dry_run: bool
-) -> list[tuple[str, str | None]]:
-    """(launch id, Hub user) of the rows matching ``where``, updated with ``values`` in the same
-    statement: a concurrent pass re-evaluates ``where`` after our row lock and skips them.
-    A dry run only reads."""
-    columns = (Launch.id, Launch.hub_user)
-    if dry_run:
-        rows = db.execute(select(*columns).where(where))
-    else:
-        rows = db.execute(bulk_update(Launch).where(where).values(**values).returning(*columns))
-    return [(r.id, r.hub_user) for r in rows]
+class _Claims:
+    """The pass's conditional UPDATEs (only one pass wins a row); a dry run only reads.
 
+    This module says which rows; ``worker.transitions`` writes what their new state is.
+    """
 
-def _end(
-    db: Session, now: datetime, reason: EndReason, condition: ColumnElement[bool], dry_run: bool
-) -> list[tuple[str, str | None]]:
-    """Claim ready sessions matching ``condition`` and record why they end."""
-    where = and_(
-        _active(),
-        Launch.status == Status.ready,
-        Launch.end_requested_at.is_(None),
-        _lease_free(now),
-        condition,
-    )
-    values = {"end_requested_at": now, "end_reason": reason, "updated_at": now}
-    return _claim(db, where, {**values, "lease_until": now + LEASE}, dry_run)
+    def __init__(self, uow: UnitOfWork, now: datetime, dry_run: bool) -> None:
+        self.uow, self.now, self.dry_run = uow, now, dry_run
+        self.lease = now + LEASE
 
+    def _read(self, where: ColumnElement[bool]) -> Claimed:
+        rows = self.uow.db.execute(select(Launch.id, Launch.hub_user).where(where))
+        return [(r.id, r.hub_user) for r in rows]
 
-def _stuck(
-    ctx: LaunchContext, db: Session, now: datetime, dry_run: bool
-) -> list[tuple[str, str | None]]:
-    """Launches still starting past the launch timeout: failed, their user removed."""
-    timeout = ctx.settings.launch_timeout
-    where = and_(
-        _active(),
-        Launch.status.in_(STARTING),
-        or_(
-            Launch.deadline_at < now,
-            and_(
-                Launch.deadline_at.is_(None), Launch.created_at < now - timedelta(seconds=timeout)
+    def end(self, reason: EndReason, condition: ColumnElement[bool]) -> Claimed:
+        """Ready sessions matching ``condition``: to end, and why."""
+        where = and_(_active(), _lease_free(self.now), condition)
+        if self.dry_run:
+            return self._read(
+                and_(where, Launch.status == Status.ready, Launch.end_requested_at.is_(None))
+            )
+        return transitions.request_ends(self.uow, where, reason, lease=self.lease, now=self.now)
+
+    def stuck(self, timeout: int) -> Claimed:
+        """Launches still starting past their deadline: failed, their user removed."""
+        where = and_(
+            _active(),
+            Launch.status.in_(STARTING),
+            or_(
+                Launch.deadline_at < self.now,
+                and_(
+                    Launch.deadline_at.is_(None),
+                    Launch.created_at < self.now - timedelta(seconds=timeout),
+                ),
             ),
-        ),
-        _lease_free(now),
-    )
-    error = f"The server did not start within {timeout} s. Try again in a few minutes."
-    values = {
-        "status": Status.failed,
-        "error": error,
-        "end_reason": EndReason.failed,
-        "ended_at": now,
-        "updated_at": now,
-        "token_ciphertext": None,
-        "lease_until": now + LEASE,
-    }
-    rows = _claim(db, where, values, dry_run)
-    for launch_id, _user in [] if dry_run else rows:
-        launch = get_launch(db, launch_id)
-        assert launch is not None
-        record_event(db, launch, Phase.failed, error, now=now)
-    return rows
+            _lease_free(self.now),
+        )
+        if self.dry_run:
+            return self._read(where)
+        message = transitions.timeout_message(timeout)
+        return transitions.fail_stuck(self.uow, where, message, lease=self.lease, now=self.now)
 
+    def owed_removals(self) -> Claimed:
+        """Ended or failed launches whose Hub user was never confirmed gone (a lost teardown
+        message, a Hub that was down, a server that was still stopping last pass)."""
+        where = and_(
+            _active(),
+            or_(
+                Launch.status.in_((Status.failed, Status.ended)),
+                and_(Launch.status == Status.ready, Launch.end_requested_at.is_not(None)),
+            ),
+            Launch.updated_at < self.now - REMOVAL_GRACE,
+            _lease_free(self.now),
+        )
+        if self.dry_run:
+            return self._read(where)
+        rows = self.uow.db.execute(
+            bulk_update(Launch)
+            .where(where)
+            .values(lease_until=self.lease)
+            .returning(Launch.id, Launch.hub_user)
+        )
+        return [(r.id, r.hub_user) for r in rows]
 
-def _owed_removals(db: Session, now: datetime, dry_run: bool) -> list[tuple[str, str | None]]:
-    """Ended or failed launches whose Hub user was never confirmed gone (a lost teardown
-    message, a Hub that was down, a server that was still stopping last pass)."""
-    where = and_(
-        _active(),
-        or_(
-            Launch.status.in_((Status.failed, Status.ended)),
-            and_(Launch.status == Status.ready, Launch.end_requested_at.is_not(None)),
-        ),
-        Launch.updated_at < now - REMOVAL_GRACE,
-        _lease_free(now),
-    )
-    return _claim(db, where, {"lease_until": now + LEASE}, dry_run)
-
-
-def _lost(
-    ctx: LaunchContext, db: Session, now: datetime, dry_run: bool
-) -> list[tuple[str, str | None]]:
-    """Launches that made no progress for a while: their message may be lost (a crash between
-    commit and send, or a worker killed before the broker re-delivers). Re-sending is safe:
-    every step is idempotent."""
-    settings = ctx.settings
-    quiet_since = now - timedelta(seconds=settings.redispatch_after)
-    where = and_(
-        _active(),
-        Launch.status.in_(STARTING),
-        Launch.updated_at < quiet_since,
-        or_(Launch.deadline_at >= now, Launch.deadline_at.is_(None)),
-    )
-    return _claim(db, where, {"updated_at": now}, dry_run)
+    def lost(self, quiet_seconds: int) -> Claimed:
+        """Launches that made no progress for a while: their message may be lost (a crash
+        between commit and send, or a worker killed before the broker re-delivers)."""
+        where = and_(
+            _active(),
+            Launch.status.in_(STARTING),
+            Launch.updated_at < self.now - timedelta(seconds=quiet_seconds),
+            or_(Launch.deadline_at >= self.now, Launch.deadline_at.is_(None)),
+        )
+        if self.dry_run:
+            return self._read(where)
+        return transitions.resend_quiet(self.uow, where, now=self.now)
 
 
 def _orphans(
-    ctx: LaunchContext, db: Session, users: dict[str, HubUser], now: datetime
+    ctx: WorkerContext, db: Session, users: dict[str, HubUser], now: datetime
 ) -> list[str]:
     """Prefixed, non-admin Hub users older than the grace period with no launch that owns them."""
     grace_cutoff = now - timedelta(seconds=ctx.settings.orphan_grace)
@@ -312,10 +293,14 @@ def _orphans(
 
 
 def _ghosts(
-    db: Session, users: dict[str, HubUser], listed_at: datetime, now: datetime, dry_run: bool
+    uow: UnitOfWork,
+    users: dict[str, HubUser],
+    listed_at: datetime,
+    now: datetime,
+    dry_run: bool,
 ) -> list[Action]:
     """Ready sessions whose Hub user is gone (deleted by hand, lost with the Hub's database)."""
-    ready = db.execute(
+    ready = uow.db.execute(
         select(Launch.id, Launch.hub_user).where(
             _active(),
             Launch.status == Status.ready,
@@ -328,29 +313,17 @@ def _ghosts(
         return [
             Action("ghost", r.hub_user, r.id, "would mark ended") for r in ready if r.id in gone
         ]
-    marked: list[Row[str, str | None]] = []
+    marked: Claimed = []
     for ids in _chunks(gone):
-        marked += db.execute(
-            bulk_update(Launch)
-            .where(Launch.id.in_(ids), Launch.status == Status.ready, _active())
-            .values(
-                status=Status.ended,
-                end_reason=EndReason.gone,
-                ended_at=now,
-                updated_at=now,
-                user_removed_at=now,
-                token_ciphertext=None,
-            )
-            .returning(Launch.id, Launch.hub_user)
-        ).all()
-    return [Action("ghost", r.hub_user, r.id, "marked ended") for r in marked]
+        marked += transitions.end_gone(uow, ids, now=now)
+    return [Action("ghost", user, launch_id, "marked ended") for launch_id, user in marked]
 
 
 # -- Hub work, one user per thread --------------------------------------------------
 
 
 def _remove_launch_user(
-    ctx: LaunchContext,
+    ctx: WorkerContext,
     category: str,
     user: str | None,
     launch_id: str,
@@ -366,7 +339,7 @@ def _remove_launch_user(
     return Action(category, user, launch_id, "ended" if category != "stuck" else "failed")
 
 
-def _remove_orphan(ctx: LaunchContext, name: str, known: HubUser | None) -> Action:
+def _remove_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Action:
     try:
         removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS, known=known)
     except Exception as e:
@@ -375,19 +348,10 @@ def _remove_orphan(ctx: LaunchContext, name: str, known: HubUser | None) -> Acti
     return Action("orphan", name, None, "deleted" if removed else "stopping; next pass")
 
 
-def _resend(resend: Callable[[str], None], launch_id: str) -> str:
-    try:
-        resend(launch_id)
-    except Exception as e:
-        log.warning("cull: re-sending launch %s failed: %s", launch_id, e)
-        return f"error: {type(e).__name__}"
-    return "re-sent"
-
-
-def _release(launch_ids: Sequence[str], database_url: str) -> None:
-    with session_scope(database_url) as db:
+def _release(launch_ids: Sequence[str], units: Units) -> None:
+    with units.begin() as uow:
         for ids in _chunks(launch_ids):
-            db.execute(bulk_update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
+            uow.db.execute(bulk_update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Update, create_engine, event, update
+from sqlalchemy import CursorResult, Engine, Executable, Update, create_engine, event, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,8 +57,21 @@ def session_factory(url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
+def reading(url: str) -> Iterator[Session]:
+    """A session for reads only: whatever it did is rolled back (writes go through a unit of
+    work, ``worker.unit_of_work``, the one place that commits)."""
+    db = session_factory(url)()
+    try:
+        yield db
+    finally:
+        db.rollback()
+        db.close()
+
+
+@contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """The one place outside the API that commits: commit on success, roll back on error."""
+    """Commit on success, roll back on error: for tests and bench scripts that set up rows by
+    hand. The service itself writes only through a unit of work."""
     db = session_factory(url)()
     try:
         yield db
@@ -81,3 +94,12 @@ def bulk_update(model: type[Any]) -> Update:
     """UPDATE without syncing objects in the session: callers re-read what they need, and the
     in-Python evaluation would compare SQLite's naive datetimes with aware ones."""
     return update(model).execution_options(synchronize_session=False)
+
+
+def rowcount(db: Session, statement: Executable) -> int:
+    """Execute an INSERT/UPDATE/DELETE and return how many rows it matched: the conditional
+    writes decide who won a race by this count."""
+    result = db.execute(statement)
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"{type(statement).__name__} returns rows, not a row count")
+    return result.rowcount

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -18,7 +18,9 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names so Alembic autogenerate and downgrades stay tidy.
 NAMING_CONVENTION = {
@@ -72,18 +74,39 @@ class EndReason(enum.StrEnum):
 Timestamp = DateTime(timezone=True)
 
 
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+class StrEnumColumn(TypeDecorator[E]):
+    """A ``StrEnum`` stored as its value in a VARCHAR (the schema stays what the migrations made):
+    rows come back as members, and a value outside the enum is refused before it is written."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum_type: type[E], length: int = 16) -> None:
+        super().__init__(length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum_type(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum_type(value)
+
+
 class Launch(Base):
     __tablename__ = "launches"
 
     # secrets.token_urlsafe(16): 128 random bits, the capability to watch and end this launch.
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[Status] = mapped_column(StrEnumColumn(Status), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # Chosen once, before the first Hub call, and reused by every retry.
     hub_user: Mapped[str | None] = mapped_column(String(64), unique=True)
     lifetime: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
-    end_reason: Mapped[str | None] = mapped_column(String(16))
+    end_reason: Mapped[EndReason | None] = mapped_column(StrEnumColumn(EndReason))
     # Fernet ciphertext of the server token; never the plaintext.
     token_ciphertext: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -118,6 +141,12 @@ class Launch(Base):
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
 
+    def server_url(self, public_url: str) -> str:
+        """The URL of this launch's server, without any token."""
+        if self.hub_user is None:
+            raise ValueError(f"launch {self.id} has no Hub user yet")
+        return f"{public_url}/user/{self.hub_user}/"
+
 
 class LaunchEvent(Base):
     __tablename__ = "launch_events"
@@ -128,7 +157,7 @@ class LaunchEvent(Base):
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     launch_id: Mapped[str] = mapped_column(ForeignKey("launches.id", ondelete="CASCADE"))
-    phase: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[Phase] = mapped_column(StrEnumColumn(Phase))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -151,7 +180,7 @@ class Build(Base):
     repo: Mapped[str] = mapped_column(Text)
     commit: Mapped[str] = mapped_column(String(40))
     builder: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[BuildStatus] = mapped_column(StrEnumColumn(BuildStatus))
     # How many times a build was started for this name (1 when deduplication worked).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     log_tail: Mapped[str | None] = mapped_column(Text)

@@ -4,58 +4,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import builds, launcher
-from worker import cull as cleanup
+from worker import builds, cull, starting, teardown
+from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, TEARDOWN_TASK, teardown_message
 from worker.celery_app import app
-from worker.context import launch_context
-from worker.enqueue import (
-    BUILD_TASK,
-    CULL_TASK,
-    LAUNCH_TASK,
-    TEARDOWN_TASK,
-    send_build,
-    send_launch,
-    send_teardown,
-)
+from worker.context import worker_context
 
 
 # The launch is retried by the domain's own backoff until its deadline, so no retry cap here.
 @app.task(name=LAUNCH_TASK, bind=True, max_retries=None)
 def launch(self: Any, launch_id: str) -> None:
-    outcome = launcher.advance(launch_context(), launch_id, attempt=self.request.retries)
-    if outcome.send_build is not None:
-        send_build(outcome.send_build)
+    ctx = worker_context()
+    outcome = starting.advance(ctx, launch_id, attempt=self.request.retries)
     if outcome.teardown_in is not None:
-        send_teardown(launch_id, countdown=outcome.teardown_in)
+        # The removal continues in its own task; nothing to commit, so the unit only sends.
+        with ctx.units.begin() as uow:
+            uow.send(teardown_message(launch_id, countdown=outcome.teardown_in))
     elif outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
 
 
 # Removing a user is retried with capped backoff (hours); the scheduled cleanup reconciles after.
 @app.task(name=TEARDOWN_TASK, bind=True, max_retries=2000)
-def teardown(self: Any, launch_id: str) -> None:
-    outcome = launcher.teardown(launch_context(), launch_id, attempt=self.request.retries)
+def teardown_user(self: Any, launch_id: str) -> None:
+    outcome = teardown.teardown(worker_context(), launch_id, attempt=self.request.retries)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
 
 
 # A lost pass is simply done again by the next one, so the message need not outlive a crash.
 @app.task(name=CULL_TASK, acks_late=False, soft_time_limit=600, time_limit=660)
-def cull() -> int:
-    return len(cleanup.cull_pass(launch_context()))
+def cleanup() -> int:
+    return len(cull.cull_pass(worker_context()))
 
 
 # Builds are long and not safe to run twice at once; the builds row (heartbeat) is what
 # detects a dead build worker, so the message is acknowledged when the task starts.
 @app.task(name=BUILD_TASK, acks_late=False, soft_time_limit=None, time_limit=None)
 def build(name: str) -> None:
-    ctx = launch_context()
-    assert ctx.builder is not None
-    waiting = builds.run_build(
-        ctx.settings.database_url, ctx.builder, name, clock=ctx.clock, notify=ctx.notify
-    )
-    for launch_id in waiting:
-        send_launch(launch_id)
-    builds.evict(
-        ctx.settings.database_url, ctx.builder, ctx.settings.envs_disk_budget, clock=ctx.clock
-    )
+    ctx = worker_context()
+    builder = ctx.need_builder()
+    builds.run_build(ctx.units, builder, name, clock=ctx.clock)
+    builds.evict(ctx.units, builder, ctx.settings.envs_disk_budget, clock=ctx.clock)

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from api import binder, intake
-from api.deps import SettingsDep
+from api.deps import SettingsDep, UnitsDep
 from api.events import event_stream
 from api.pages import page
-from worker import launches, repos
-from worker.db import session_scope
+from worker import queries, repos
+from worker.db import reading
 from worker.settings import Settings
 
 router = APIRouter(tags=["binder"])
@@ -80,7 +80,7 @@ def cors_headers(settings: Settings, origin: str | None) -> dict[str, str]:
     responses={200: {"content": {"text/event-stream": {}}}},
     summary="BinderHub-compatible launch event stream",
 )
-def build(request: Request, settings: SettingsDep) -> Response:
+def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
     """Start a launch (or, for a reconnecting EventSource, resume its own) and stream its events
     in BinderHub's shape. Errors arrive as one ``failed`` event, as BinderHub sends them."""
     headers = {
@@ -92,8 +92,7 @@ def build(request: Request, settings: SettingsDep) -> Response:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
         launch_id, after = _resume(settings, request.headers.get("Last-Event-ID", ""), spec)
         if launch_id is None:
-            with session_scope(settings.database_url) as db:
-                launch_id, after = intake.accept(db, settings, spec.request()).id, 0
+            launch_id, after = intake.accept(units, settings, spec.request()).id, 0
     except (binder.BadSpec, intake.Refused) as e:
         message = e.message if isinstance(e, intake.Refused) else str(e)
         return StreamingResponse(
@@ -111,8 +110,8 @@ def _resume(
     launch_id, _, seen = last_event_id.partition(":")
     if not launch_id or not seen.isdigit():
         return None, 0
-    with session_scope(settings.database_url) as db:
-        launch = launches.get_launch(db, launch_id)
+    with reading(settings.database_url) as db:
+        launch = queries.get_launch(db, launch_id)
         if launch is None or binder.link_for(launch.spec) != binder.link_for(
             _normalized(settings, spec)
         ):

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from api.deps import SettingsDep
 from api.schemas import Health
-from worker.db import session_scope
+from worker.db import reading
 from worker.hub_client import HubClient, HubError
 from worker.settings import Settings
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/api", tags=["health"])
 
 def _check_database(settings: Settings) -> str:
     try:
-        with session_scope(settings.database_url) as db:
+        with reading(settings.database_url) as db:
             db.execute(text("SELECT 1"))
     except Exception as e:  # any driver error means "down"; the type is logged
         log.warning("health: database: %s", type(e).__name__)

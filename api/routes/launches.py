@@ -9,14 +9,12 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from api import intake
-from api.deps import DbDep, SettingsDep
+from api.deps import DbDep, SettingsDep, UnitsDep
 from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
-from worker import launches
+from worker import queries
 from worker.crypto import reveal
-from worker.db import as_utc, session_scope
-from worker.enqueue import QueueUnavailable, send_teardown
-from worker.launcher import server_url
+from worker.db import as_utc, reading
 from worker.models import Launch, Status
 from worker.settings import Settings
 
@@ -33,7 +31,7 @@ def _not_found() -> HTTPException:
 
 def _url_with_token(settings: Settings, launch: Launch) -> str | None:
     token = reveal(settings, launch.token_ciphertext) if launch.status == Status.ready else None
-    return f"{server_url(settings, launch)}?token={token}" if token else None
+    return f"{launch.server_url(settings.public_url)}?token={token}" if token else None
 
 
 def view(settings: Settings, launch: Launch) -> LaunchView:
@@ -42,7 +40,7 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
 
     return LaunchView(
         id=launch.id,
-        status=Status(launch.status),
+        status=launch.status,
         spec=launch.spec,
         user=launch.hub_user,
         url=_url_with_token(settings, launch),
@@ -67,17 +65,21 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
     },
 )
 def create_launch(
-    body: LaunchRequest, request: Request, response: Response, db: DbDep, settings: SettingsDep
+    body: LaunchRequest,
+    request: Request,
+    response: Response,
+    units: UnitsDep,
+    settings: SettingsDep,
 ) -> LaunchAccepted:
     try:
-        launch = intake.accept(db, settings, body)
+        launch = intake.accept(units, settings, body)
     except intake.Refused as e:
         raise HTTPException(e.status, e.message) from e
     status_url = public_url(request, settings, "get_launch", launch_id=launch.id)
     response.headers["Location"] = status_url
     return LaunchAccepted(
         id=launch.id,
-        status=Status(launch.status),
+        status=launch.status,
         status_url=status_url,
         events_url=public_url(request, settings, "launch_events", launch_id=launch.id),
     )
@@ -91,7 +93,7 @@ def public_url(request: Request, settings: Settings, name: str, **params: str) -
 
 @router.get("/{launch_id}", response_model=LaunchView, responses=NOT_FOUND)
 def get_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
-    launch = launches.get_launch(db, launch_id)
+    launch = queries.get_launch(db, launch_id)
     if launch is None:
         raise _not_found()
     return view(settings, launch)
@@ -104,8 +106,8 @@ def get_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
 )
 def launch_events(launch_id: str, request: Request, settings: SettingsDep) -> Response:
     # A short session of its own: a request-scoped one would stay open as long as the stream.
-    with session_scope(settings.database_url) as db:
-        if launches.get_launch(db, launch_id) is None:
+    with reading(settings.database_url) as db:
+        if queries.get_launch(db, launch_id) is None:
             raise _not_found()
     after = request.headers.get("Last-Event-ID", "0")
     return StreamingResponse(
@@ -121,18 +123,11 @@ def launch_events(launch_id: str, request: Request, settings: SettingsDep) -> Re
     response_model=LaunchView,
     responses=NOT_FOUND,
 )
-def end_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
-    launch = launches.get_launch(db, launch_id)
+def end_launch(launch_id: str, units: UnitsDep, settings: SettingsDep) -> LaunchView:
+    try:
+        launch = intake.end(units, launch_id)
+    except intake.Refused as e:
+        raise HTTPException(e.status, e.message) from e
     if launch is None:
         raise _not_found()
-    must_send = launches.request_end(db, launch)
-    db.commit()
-    if must_send:
-        try:
-            send_teardown(launch.id)
-        except QueueUnavailable as e:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "The queue is unavailable; the end is recorded. Send DELETE again shortly.",
-            ) from e
     return view(settings, launch)

@@ -5,7 +5,6 @@ Celery worker) as subprocesses. A missing service fails the run loudly; nothing 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import time
@@ -22,7 +21,7 @@ from hublaunch.stack import Stack, StackConfig
 from tests.integration.gitserver import GitServer
 from worker.db import session_scope
 from worker.hub_client import HubClient
-from worker.launcher import remove_hub_user
+from worker.hub_users import remove_hub_user
 from worker.models import Launch
 
 PG_ADMIN_URL = os.environ.get(
@@ -222,6 +221,11 @@ def cleanup_users(stack: Stack, hub: HubClient) -> Iterator[None]:
     """Leave the Hub as we found it, whatever the test did."""
     before = hub_user_names(hub)
     yield
-    for name in hub_user_names(hub) - before:
-        with contextlib.suppress(Exception):
+    leaked: list[str] = []
+    for name in sorted(hub_user_names(hub) - before):
+        try:
             wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
+        except Exception as e:  # every user is tried; the failures are reported together
+            leaked.append(f"{name} ({type(e).__name__}: {e})")
+    if leaked:
+        pytest.fail(f"Hub users the test left behind could not be removed: {', '.join(leaked)}")

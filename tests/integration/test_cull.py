@@ -16,14 +16,17 @@ import pytest
 from sqlalchemy import update
 
 from hublaunch.stack import Stack
+from tests.fakes import RecordingBroker
+from tests.fakes import insert_launch as create_launch
 from tests.integration.conftest import launch_row, read_events
+from worker.broker import LAUNCH_TASK
+from worker.context import WorkerContext
 from worker.crypto import cipher
 from worker.cull import Action, cull_pass
 from worker.db import session_scope
 from worker.hub_client import HubClient, HubUnavailable
-from worker.launcher import LaunchContext
-from worker.launches import create_launch
 from worker.models import Launch, Status
+from worker.unit_of_work import Units
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
 
@@ -37,15 +40,18 @@ def run_pass(stack: Stack, hub: HubClient) -> Callable[..., list[Action]]:
         *,
         dry_run: bool = False,
         hub_client: Any = None,
-        resend: Callable[[str], None] | None = None,
+        broker: RecordingBroker | None = None,
     ) -> list[Action]:
         settings = stack.settings()
         moment = datetime.now(UTC) + timedelta(seconds=later)
-        ctx = LaunchContext(
-            settings=settings, hub=hub_client or hub, cipher=cipher(settings), clock=lambda: moment
+        ctx = WorkerContext(
+            settings=settings,
+            hub=hub_client or hub,
+            cipher=cipher(settings),
+            units=Units(settings.database_url, broker or RecordingBroker(settings.database_url)),
+            clock=lambda: moment,
         )
-        sent: list[str] = []
-        return cull_pass(ctx, dry_run=dry_run, resend=resend or sent.append)
+        return cull_pass(ctx, dry_run=dry_run)
 
     return run
 
@@ -126,9 +132,9 @@ def test_stuck_launches_fail_and_lost_ones_are_sent_again(
         lost = create_launch(
             db, {"image": "default"}, lifetime=60, now=datetime.now(UTC) - timedelta(seconds=200)
         )
-    sent: list[str] = []
+    broker = RecordingBroker(stack.config.database_url)
 
-    actions = by_launch(run_pass(resend=sent.append))
+    actions = by_launch(run_pass(broker=broker))
 
     assert actions[stuck.id].category == "stuck" and actions[stuck.id].result == "failed"
     failed = status(api, stuck.id)
@@ -136,11 +142,11 @@ def test_stuck_launches_fail_and_lost_ones_are_sent_again(
     assert failed["error"] == "The server did not start within 600 s. Try again in a few minutes."
     assert hub.get_user(stuck_user) is None
     assert actions[lost.id] == Action("lost", None, lost.id, "re-sent")
-    assert sent == [lost.id]
+    assert broker.arguments(LAUNCH_TASK) == [lost.id]
     # Sent for real, the lost launch goes on to become ready.
-    run_pass(resend=lambda launch_id: None)  # no second re-send: its clock was reset
+    run_pass(broker=broker)  # no second re-send: its clock was reset
+    assert broker.arguments(LAUNCH_TASK) == [lost.id]
     from worker.celery_app import create_celery
-    from worker.enqueue import LAUNCH_TASK
 
     create_celery(stack.settings()).send_task(LAUNCH_TASK, args=[lost.id])
     assert read_events(api, lost.id)[-1]["phase"] == "ready"

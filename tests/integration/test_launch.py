@@ -17,9 +17,9 @@ from tests.integration.conftest import (
     read_events,
     wait_for,
 )
+from worker.broker import LAUNCH_TASK
 from worker.celery_app import create_celery
 from worker.db import session_scope
-from worker.enqueue import LAUNCH_TASK
 from worker.hub_client import HubClient
 from worker.models import Launch
 
@@ -92,7 +92,7 @@ def test_token_is_encrypted_at_rest(api: httpx.Client, stack: Stack) -> None:
 
 
 def row_events(db: object, launch_id: str) -> list:  # type: ignore[type-arg]
-    from worker.launches import events_after
+    from worker.queries import events_after
 
     return events_after(db, launch_id)  # type: ignore[arg-type]
 

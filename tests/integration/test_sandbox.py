@@ -17,12 +17,14 @@ import httpx
 import pytest
 
 from hublaunch.stack import Stack
+from tests.fakes import RecordingBroker
 from tests.integration.conftest import read_events, wait_for
 from tests.integration.kernel import run_code
+from worker.context import WorkerContext
 from worker.crypto import cipher
 from worker.cull import cull_pass
 from worker.hub_client import HubClient
-from worker.launcher import LaunchContext
+from worker.unit_of_work import Units
 
 pytestmark = pytest.mark.integration
 
@@ -371,10 +373,14 @@ def test_a_session_past_its_memory_is_ended_as_out_of_memory_and_leaves_nothing(
             "the Hub to notice the session ended",
         )
         settings = real_stack.settings()
-        ctx = LaunchContext(
-            settings=settings, hub=hub, cipher=cipher(settings), clock=lambda: datetime.now(UTC)
+        ctx = WorkerContext(
+            settings=settings,
+            hub=hub,
+            cipher=cipher(settings),
+            units=Units(settings.database_url, RecordingBroker(settings.database_url)),
+            clock=lambda: datetime.now(UTC),
         )
-        cull_pass(ctx, resend=lambda _id: None)
+        cull_pass(ctx)
     finally:
         hub.close()
     status = api.get(f"/api/launches/{session['id']}").json()

@@ -1,5 +1,5 @@
 """The token a visitor gets, as the real Hub holds it: it opens that one user's server and dies
-with the session (read back with the service token, not taken from the launcher's word)."""
+with the session (read back with the service token, not taken from the worker's word)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hublaunch.stack import Stack
 from tests.integration.conftest import launch_row, read_events
 from worker.db import as_utc
 from worker.hub_client import HubClient
-from worker.launcher import TOKEN_GRACE
+from worker.starting import TOKEN_GRACE
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
 
@@ -51,7 +51,7 @@ def test_the_issued_token_is_scoped_to_its_server_and_expires_with_the_session(
     }
     assert issued["expires_at"] is not None
     token_expires = datetime.fromisoformat(issued["expires_at"].replace("Z", "+00:00"))
-    # The session's end plus the launcher's small grace for clock skew, not years away.
+    # The session's end plus the worker's small grace for clock skew, not years away.
     late_by = (token_expires - as_utc(session_expires)).total_seconds()
     assert abs(late_by - TOKEN_GRACE) < 5, late_by
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.fakes import FakeHub
+from tests.fakes import FakeHub, RecordingBroker
+from worker.context import WorkerContext
 from worker.db import dispose_all
-from worker.launcher import LaunchContext
 from worker.migrate import upgrade
 from worker.settings import Settings
+from worker.unit_of_work import Units
 
 
 class Clock:
@@ -52,13 +53,18 @@ def hub() -> FakeHub:
 
 
 @pytest.fixture
-def ctx(settings: Settings, hub: FakeHub, clock: Clock) -> LaunchContext:
+def broker(settings: Settings) -> RecordingBroker:
+    return RecordingBroker(settings.database_url)
+
+
+@pytest.fixture
+def ctx(settings: Settings, hub: FakeHub, clock: Clock, broker: RecordingBroker) -> WorkerContext:
     notified: list[str] = []
-    context = LaunchContext(
+    context = WorkerContext(
         settings=settings,
         hub=hub,  # type: ignore[arg-type]
         cipher=Fernet(settings.secret_key.get_secret_value().encode()),
-        notify=notified.append,
+        units=Units(settings.database_url, broker, notified.append),
         clock=clock,
     )
     context.notified = notified  # type: ignore[attr-defined]

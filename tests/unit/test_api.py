@@ -10,22 +10,27 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.main import MAX_BODY_BYTES, create_app
+from tests.fakes import RecordingBroker
+from worker.broker import LAUNCH_TASK, Message
 from worker.db import session_scope
-from worker.enqueue import QueueUnavailable
 from worker.models import Launch, LaunchEvent
 from worker.settings import Settings
 
 
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    sent: list[str] = []
-    monkeypatch.setattr("api.intake.send_launch", sent.append)
-    return sent
+def broker(settings: Settings) -> RecordingBroker:
+    # Refuses (fails the test on) any message whose row is not committed yet.
+    return RecordingBroker(settings.database_url)
 
 
 @pytest.fixture
-def api(settings: Settings, sent: list[str]) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+def sent(broker: RecordingBroker) -> list[Message]:
+    return broker.sent
+
+
+@pytest.fixture
+def api(settings: Settings, broker: RecordingBroker) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, broker=broker)) as client:
         yield client
 
 
@@ -38,7 +43,7 @@ def count_rows(settings: Settings) -> tuple[int, int]:
 
 
 def test_accepted_launch_is_committed_then_sent(
-    api: TestClient, settings: Settings, sent: list[str]
+    api: TestClient, settings: Settings, sent: list[Message]
 ) -> None:
     response = api.post("/api/launches", json={"image": "default", "lifetime": 60})
 
@@ -49,7 +54,7 @@ def test_accepted_launch_is_committed_then_sent(
     assert response.headers["Location"] == body["status_url"]
     assert body["status_url"].endswith(f"/api/launches/{body['id']}")
     assert len(body["id"]) >= 22  # 128 random bits, url-safe
-    assert sent == [body["id"]]
+    assert [(m.task, m.argument) for m in sent] == [(LAUNCH_TASK, body["id"])]
     launch = api.get(f"/api/launches/{body['id']}").json()
     assert launch["status"] == "queued" and launch["spec"] == {"image": "default"}
     assert launch["url"] is None and launch["user"] is None
@@ -98,7 +103,12 @@ BAD_BODIES: list[tuple[object, int, str]] = [
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_BODIES)
 def test_bad_input_is_refused_and_leaves_no_row(
-    api: TestClient, settings: Settings, sent: list[str], body: object, status: int, message: str
+    api: TestClient,
+    settings: Settings,
+    sent: list[Message],
+    body: object,
+    status: int,
+    message: str,
 ) -> None:
     response = api.post("/api/launches", json=body)
     assert response.status_code == status
@@ -135,12 +145,9 @@ def test_oversized_body_is_413(api: TestClient, settings: Settings) -> None:
 
 
 def test_queue_down_is_503_and_the_launch_is_marked_failed(
-    api: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    api: TestClient, settings: Settings, broker: RecordingBroker
 ) -> None:
-    def down(_launch_id: str) -> None:
-        raise QueueUnavailable("connection refused")
-
-    monkeypatch.setattr("api.intake.send_launch", down)
+    broker.down = True
     response = api.post("/api/launches", json={"image": "default"})
     assert response.status_code == 503
     assert "queue is unavailable" in response.json()["detail"]
@@ -174,9 +181,11 @@ def test_app_factory_connects_to_nothing() -> None:
     )
 
 
-def test_banned_specs_are_403(settings: Settings, sent: list[str]) -> None:
+def test_banned_specs_are_403(
+    settings: Settings, broker: RecordingBroker, sent: list[Message]
+) -> None:
     banned = settings.model_copy(update={"banned_specs": [r"^https://github\.com/evil/"]})
-    with TestClient(create_app(banned)) as client:
+    with TestClient(create_app(banned, broker=broker)) as client:
         response = client.post("/api/launches", json={"repo": "gh:evil/miner", "ref": "main"})
     assert response.status_code == 403
     assert response.json()["detail"] == "This repository is not allowed on this service."

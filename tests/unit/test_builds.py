@@ -3,20 +3,23 @@ builder's refusal to build where no sandbox can be made."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.fakes import FakeHub
+from tests.fakes import FakeHub, RecordingBroker
 from tests.unit.conftest import Clock
-from worker import builds, launcher
+from worker import builds, starting, transitions
+from worker.broker import BUILD_TASK, LAUNCH_TASK
 from worker.builders import BuildFailed, Log
 from worker.builders.venv import VenvBuilder
+from worker.context import WorkerContext
 from worker.db import session_scope
-from worker.launcher import LaunchContext
-from worker.launches import create_launch, get_launch
 from worker.models import Build, LaunchEvent, Status
+from worker.outcome import DONE, Outcome
+from worker.queries import get_launch
 from worker.repos import RepoSpec
 from worker.settings import Settings
 
@@ -53,49 +56,80 @@ class FakeBuilder:
 
 
 @pytest.fixture
-def builder(ctx: LaunchContext) -> FakeBuilder:
+def builder(ctx: WorkerContext) -> FakeBuilder:
     fake = FakeBuilder()
     ctx.builder = fake
     ctx.resolve = lambda spec, settings: COMMIT
     return fake
 
 
-def repo_launch(ctx: LaunchContext, repo: str = "https://example.org/a/b") -> str:
-    with session_scope(ctx.settings.database_url) as db:
+def repo_launch(ctx: WorkerContext, repo: str = "https://example.org/a/b") -> str:
+    with ctx.units.begin() as uow:
         spec = RepoSpec(repo, "main").as_dict()
-        return create_launch(db, spec, lifetime=600, now=ctx.clock()).id
+        return transitions.create(uow, spec, lifetime=600, timeout=600, now=ctx.clock()).id
 
 
-def phases(ctx: LaunchContext, launch_id: str) -> list[str]:
+def phases(ctx: WorkerContext, launch_id: str) -> list[str]:
     with session_scope(ctx.settings.database_url) as db:
         query = select(LaunchEvent.phase).where(LaunchEvent.launch_id == launch_id)
         return list(db.scalars(query.order_by(LaunchEvent.id)))
 
 
-def status(ctx: LaunchContext, launch_id: str) -> str:
+def status(ctx: WorkerContext, launch_id: str) -> str:
     with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         assert launch is not None
         return launch.status
 
 
-def run_build(ctx: LaunchContext, builder: FakeBuilder, name: str) -> list[str]:
-    return builds.run_build(
-        ctx.settings.database_url, builder, name, clock=ctx.clock, notify=ctx.notify
-    )
+def run_build(ctx: WorkerContext, builder: FakeBuilder, name: str) -> list[str]:
+    broker = sent_to(ctx)
+    before = len(broker.sent)
+    waiting = builds.run_build(ctx.units, builder, name, clock=ctx.clock)
+    # Every launch it returns was sent on, after the commit.
+    assert [m.argument for m in broker.sent[before:] if m.task == LAUNCH_TASK] == waiting
+    return waiting
+
+
+def sent_to(ctx: WorkerContext) -> RecordingBroker:
+    broker = ctx.units.broker
+    if not isinstance(broker, RecordingBroker):
+        raise TypeError(type(broker))
+    return broker
+
+
+@dataclass(frozen=True)
+class Step:
+    """One run of the launch steps, and the build task it sent (after its commit), if any."""
+
+    outcome: Outcome
+    send_build: str | None
+
+    @property
+    def retry_in(self) -> float | None:
+        return self.outcome.retry_in
+
+
+def advance(ctx: WorkerContext, launch_id: str) -> Step:
+    broker = sent_to(ctx)
+    before = len(broker.sent)
+    outcome = starting.advance(ctx, launch_id)
+    [*sent] = [m.argument for m in broker.sent[before:] if m.task == BUILD_TASK]
+    assert len(sent) <= 1
+    return Step(outcome, sent[0] if sent else None)
 
 
 def test_first_launch_builds_then_launches(
-    ctx: LaunchContext, builder: FakeBuilder, hub: FakeHub
+    ctx: WorkerContext, builder: FakeBuilder, hub: FakeHub
 ) -> None:
     launch_id = repo_launch(ctx)
-    outcome = launcher.advance(ctx, launch_id)
+    outcome = advance(ctx, launch_id)
     assert outcome.send_build is not None and outcome.retry_in == builds.POLL_SECONDS
     assert status(ctx, launch_id) == Status.building
     assert hub.calls == []  # no Hub user before the environment exists
 
     assert run_build(ctx, builder, outcome.send_build) == [launch_id]
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id).outcome == DONE
     assert status(ctx, launch_id) == Status.ready
     assert phases(ctx, launch_id) == [
         "waiting",
@@ -108,38 +142,38 @@ def test_first_launch_builds_then_launches(
     ]
 
 
-def test_concurrent_launches_share_one_build(ctx: LaunchContext, builder: FakeBuilder) -> None:
+def test_concurrent_launches_share_one_build(ctx: WorkerContext, builder: FakeBuilder) -> None:
     ids = [repo_launch(ctx) for _ in range(5)]
-    outcomes = [launcher.advance(ctx, i) for i in ids]
+    outcomes = [advance(ctx, i) for i in ids]
     claimed = [o.send_build for o in outcomes if o.send_build]
     assert len(claimed) == 1  # one claimer, four waiters
 
     assert sorted(run_build(ctx, builder, claimed[0])) == sorted(ids)
     assert builder.calls == claimed
     for launch_id in ids:
-        launcher.advance(ctx, launch_id)
+        advance(ctx, launch_id)
         assert status(ctx, launch_id) == Status.ready
 
 
-def test_a_built_environment_is_not_built_again(ctx: LaunchContext, builder: FakeBuilder) -> None:
+def test_a_built_environment_is_not_built_again(ctx: WorkerContext, builder: FakeBuilder) -> None:
     first = repo_launch(ctx)
-    name = launcher.advance(ctx, first).send_build
+    name = advance(ctx, first).send_build
     assert name is not None
     run_build(ctx, builder, name)
     second = repo_launch(ctx)
 
-    assert launcher.advance(ctx, second) == launcher.DONE
+    assert advance(ctx, second).outcome == DONE
     assert status(ctx, second) == Status.ready
     assert "building" not in phases(ctx, second)
     assert builder.calls == [name]
 
 
 def test_a_failed_build_fails_every_waiting_launch_with_its_tail(
-    ctx: LaunchContext, builder: FakeBuilder, hub: FakeHub
+    ctx: WorkerContext, builder: FakeBuilder, hub: FakeHub
 ) -> None:
     builder.fail_with = "ERROR: No matching distribution found for nope==9"
     ids = [repo_launch(ctx) for _ in range(3)]
-    [name] = [o.send_build for o in [launcher.advance(ctx, i) for i in ids] if o.send_build]
+    [name] = [o.send_build for o in [advance(ctx, i) for i in ids] if o.send_build]
 
     assert run_build(ctx, builder, name) == []
 
@@ -156,15 +190,15 @@ def test_a_failed_build_fails_every_waiting_launch_with_its_tail(
 
 
 def test_a_build_whose_worker_died_is_claimed_again(
-    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+    ctx: WorkerContext, builder: FakeBuilder, clock: Clock
 ) -> None:
     first = repo_launch(ctx)
-    name = launcher.advance(ctx, first).send_build  # claimed, but its worker dies: no heartbeat
+    name = advance(ctx, first).send_build  # claimed, but its worker dies: no heartbeat
     second = repo_launch(ctx)
-    assert launcher.advance(ctx, second).send_build is None  # fresh heartbeat: wait
+    assert advance(ctx, second).send_build is None  # fresh heartbeat: wait
 
     clock.advance(builds.STALE_AFTER.total_seconds() + 1)
-    again = launcher.advance(ctx, second)
+    again = advance(ctx, second)
 
     assert again.send_build == name
     with session_scope(ctx.settings.database_url) as db:
@@ -172,7 +206,7 @@ def test_a_build_whose_worker_died_is_claimed_again(
         assert build is not None and build.attempts == 2
 
 
-def test_unresolvable_refs_fail_clearly(ctx: LaunchContext, builder: FakeBuilder) -> None:
+def test_unresolvable_refs_fail_clearly(ctx: WorkerContext, builder: FakeBuilder) -> None:
     from worker.repos import ResolveError
 
     def refuse(spec: RepoSpec, settings: object) -> str:
@@ -180,7 +214,7 @@ def test_unresolvable_refs_fail_clearly(ctx: LaunchContext, builder: FakeBuilder
 
     ctx.resolve = refuse
     launch_id = repo_launch(ctx)
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id).outcome == DONE
     with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         assert launch is not None and launch.status == Status.failed
@@ -191,34 +225,34 @@ def test_unresolvable_refs_fail_clearly(ctx: LaunchContext, builder: FakeBuilder
 
 
 def test_eviction_keeps_environments_in_use(
-    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+    ctx: WorkerContext, builder: FakeBuilder, clock: Clock
 ) -> None:
     names = []
     for i in range(3):
         launch_id = repo_launch(ctx, f"https://example.org/a/repo{i}")
-        name = launcher.advance(ctx, launch_id).send_build
+        name = advance(ctx, launch_id).send_build
         assert name is not None
         run_build(ctx, builder, name)
         names.append(name)
         clock.advance(10)
-        launcher.advance(ctx, launch_id)
+        advance(ctx, launch_id)
         if i > 0:  # sessions 1 and 2 are over; session 0 (the oldest build) is still running
             with session_scope(ctx.settings.database_url) as db:
                 launch = get_launch(db, launch_id)
                 assert launch is not None
                 launch.status, launch.user_removed_at = Status.ended, ctx.clock()
-    evicted = builds.evict(ctx.settings.database_url, builder, budget=150, clock=ctx.clock)
+    evicted = builds.evict(ctx.units, builder, budget=150, clock=ctx.clock)
     assert evicted == [names[1], names[2]]  # least recently used first; names[0] is in use
     assert list(builder.built) == [names[0]]
 
 
 def test_build_timeout_extends_the_launch_deadline(
-    ctx: LaunchContext, builder: FakeBuilder, clock: Clock
+    ctx: WorkerContext, builder: FakeBuilder, clock: Clock
 ) -> None:
     launch_id = repo_launch(ctx)
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     clock.advance(ctx.settings.launch_timeout + 5)  # past the launch timeout, within the build's
-    outcome = launcher.advance(ctx, launch_id)
+    outcome = advance(ctx, launch_id)
     assert outcome.retry_in is not None and status(ctx, launch_id) == Status.building
 
 
@@ -239,6 +273,6 @@ def test_the_venv_builder_refuses_to_build_where_no_sandbox_can_be_made(
 
 def test_build_output_with_nul_bytes_is_stored_as_printable_text() -> None:
     # PostgreSQL refuses NUL in text columns; a repository decides what its build prints.
-    from worker.launches import printable
+    from worker.transitions import printable
 
     assert printable("a\x00b") == "a\ufffdb"

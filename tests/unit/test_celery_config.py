@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from worker.broker import LAUNCH_TASK, TEARDOWN_TASK
 from worker.celery_app import celery_config, create_celery
-from worker.enqueue import LAUNCH_TASK, TEARDOWN_TASK
 from worker.settings import Settings
 
 

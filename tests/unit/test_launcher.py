@@ -9,19 +9,24 @@ from sqlalchemy import select
 
 from tests.fakes import FakeHub
 from tests.unit.conftest import Clock
-from worker import launcher
+from worker import transitions
+from worker.context import WorkerContext
 from worker.db import session_scope
-from worker.launcher import LaunchContext
-from worker.launches import create_launch, get_launch, request_end
+from worker.hub_users import remove_hub_user
 from worker.models import Launch, LaunchEvent, Status
+from worker.outcome import DONE, backoff
+from worker.queries import get_launch
+from worker.starting import advance
+from worker.teardown import teardown
 
 
-def new_launch(ctx: LaunchContext, image: str = "default", lifetime: int = 600) -> str:
-    with session_scope(ctx.settings.database_url) as db:
-        return create_launch(db, {"image": image}, lifetime=lifetime, now=ctx.clock()).id
+def new_launch(ctx: WorkerContext, image: str = "default", lifetime: int = 600) -> str:
+    with ctx.units.begin() as uow:
+        spec = {"image": image}
+        return transitions.create(uow, spec, lifetime=lifetime, timeout=600, now=ctx.clock()).id
 
 
-def load(ctx: LaunchContext, launch_id: str) -> tuple[Launch, list[str]]:
+def load(ctx: WorkerContext, launch_id: str) -> tuple[Launch, list[str]]:
     with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         assert launch is not None
@@ -35,10 +40,10 @@ def load(ctx: LaunchContext, launch_id: str) -> tuple[Launch, list[str]]:
         return launch, phases
 
 
-def test_queued_launch_becomes_ready_with_encrypted_token(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_queued_launch_becomes_ready_with_encrypted_token(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
 
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id) == DONE
 
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.ready
@@ -53,17 +58,17 @@ def test_queued_launch_becomes_ready_with_encrypted_token(ctx: LaunchContext, hu
     assert launch_id in ctx.notified  # type: ignore[attr-defined]
 
 
-def test_running_twice_has_one_effect(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_running_twice_has_one_effect(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     calls = len(hub.calls)
 
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id) == DONE
     assert len(hub.calls) == calls  # a redelivered message finds the launch ready: no Hub call
     assert len(hub.users) == 1 and len(hub.tokens) == 1
 
 
-def test_user_name_is_stored_before_the_first_hub_call(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_user_name_is_stored_before_the_first_hub_call(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
     seen: list[str | None] = []
 
@@ -73,22 +78,22 @@ def test_user_name_is_stored_before_the_first_hub_call(ctx: LaunchContext, hub: 
             seen.append(launch.hub_user)
 
     hub.on_call = check_row
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     launch, _ = load(ctx, launch_id)
     assert seen == [launch.hub_user]
 
 
 def test_transient_trouble_retries_with_the_same_user_name(
-    ctx: LaunchContext, hub: FakeHub
+    ctx: WorkerContext, hub: FakeHub
 ) -> None:
     launch_id = new_launch(ctx)
     hub.down_for = 1  # the create call itself fails once
-    outcome = launcher.advance(ctx, launch_id)
+    outcome = advance(ctx, launch_id)
     assert outcome.retry_in is not None and outcome.retry_in >= 0
     first, _ = load(ctx, launch_id)
     assert first.status == Status.launching
 
-    assert launcher.advance(ctx, launch_id, attempt=1) == launcher.DONE
+    assert advance(ctx, launch_id, attempt=1) == DONE
     launch, _ = load(ctx, launch_id)
     assert launch.status == Status.ready
     assert launch.hub_user == first.hub_user
@@ -96,19 +101,19 @@ def test_transient_trouble_retries_with_the_same_user_name(
 
 
 def test_retry_honours_retry_after() -> None:
-    assert launcher.backoff(0, retry_after=7.0) >= 7.0
-    assert all(0 <= launcher.backoff(n) <= 30 for n in range(20))
+    assert backoff(0, retry_after=7.0) >= 7.0
+    assert all(0 <= backoff(n) <= 30 for n in range(20))
 
 
 def test_hub_down_past_the_deadline_fails_with_a_clear_error(
-    ctx: LaunchContext, hub: FakeHub, clock: Clock
+    ctx: WorkerContext, hub: FakeHub, clock: Clock
 ) -> None:
     launch_id = new_launch(ctx)
     hub.down_for = 1000
-    assert launcher.advance(ctx, launch_id).retry_in is not None
+    assert advance(ctx, launch_id).retry_in is not None
     clock.advance(61)
 
-    outcome = launcher.advance(ctx, launch_id, attempt=5)
+    outcome = advance(ctx, launch_id, attempt=5)
 
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.failed
@@ -121,16 +126,16 @@ def test_hub_down_past_the_deadline_fails_with_a_clear_error(
     assert outcome.teardown_in is not None
 
     hub.down_for = 0
-    assert launcher.teardown(ctx, launch_id) == launcher.DONE
+    assert teardown(ctx, launch_id) == DONE
     launch, _ = load(ctx, launch_id)
     assert launch.user_removed_at is not None
     assert hub.users == {}
 
 
-def test_unknown_image_fails_and_deletes_the_user(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_unknown_image_fails_and_deletes_the_user(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx, image="nope")
 
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id) == DONE
 
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.failed
@@ -140,7 +145,7 @@ def test_unknown_image_fails_and_deletes_the_user(ctx: LaunchContext, hub: FakeH
     assert launch.user_removed_at is not None
 
 
-def test_spawn_failure_in_progress_fails_the_launch(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_spawn_failure_in_progress_fails_the_launch(ctx: WorkerContext, hub: FakeHub) -> None:
     hub.start_pending = True
     launch_id = new_launch(ctx)
     original_start = hub.start_server
@@ -151,25 +156,27 @@ def test_spawn_failure_in_progress_fails_the_launch(ctx: LaunchContext, hub: Fak
         return False
 
     hub.start_server = start_broken  # type: ignore[method-assign]
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.failed
     assert launch.error == "The server could not be started: boom"
     assert "launching" in phases and hub.users == {}
 
 
-def test_end_requested_while_launching_tears_down(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_end_requested_while_launching_tears_down(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
 
     def end_when_token_is_issued(what: str, name: str) -> None:
         if what == "create_token":
-            with session_scope(ctx.settings.database_url) as db:
-                launch = get_launch(db, launch_id)
+            with ctx.units.begin() as uow:
+                launch = get_launch(uow.db, launch_id)
                 assert launch is not None
-                assert request_end(db, launch) is False  # the running task will see the flag
+                assert (
+                    transitions.request_end(uow, launch, now=ctx.clock()) is False
+                )  # the running task will see the flag
 
     hub.on_call = end_when_token_is_issued
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
 
     launch, _ = load(ctx, launch_id)
     assert launch.status == Status.ended
@@ -178,33 +185,33 @@ def test_end_requested_while_launching_tears_down(ctx: LaunchContext, hub: FakeH
     assert hub.users == {}
 
 
-def test_end_of_a_ready_launch_is_sent_to_teardown(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_end_of_a_ready_launch_is_sent_to_teardown(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
-    launcher.advance(ctx, launch_id)
-    with session_scope(ctx.settings.database_url) as db:
-        launch = get_launch(db, launch_id)
+    advance(ctx, launch_id)
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
         assert launch is not None
-        assert request_end(db, launch) is True
+        assert transitions.request_end(uow, launch, now=ctx.clock()) is True
 
     hub.stop_pending_rounds = 2  # the Hub answers 202 "stopping"; the stop ends a bit later
-    assert launcher.teardown(ctx, launch_id) == launcher.DONE
+    assert teardown(ctx, launch_id) == DONE
     launch, _ = load(ctx, launch_id)
     assert launch.status == Status.ended and launch.ended_at is not None
     assert hub.users == {}
     # Ending twice is a no-op.
-    assert launcher.teardown(ctx, launch_id) == launcher.DONE
+    assert teardown(ctx, launch_id) == DONE
 
 
 def test_queued_launch_ended_before_it_ran_never_touches_the_hub(
-    ctx: LaunchContext, hub: FakeHub
+    ctx: WorkerContext, hub: FakeHub
 ) -> None:
     launch_id = new_launch(ctx)
-    with session_scope(ctx.settings.database_url) as db:
-        launch = get_launch(db, launch_id)
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
         assert launch is not None
-        assert request_end(db, launch) is False
+        assert transitions.request_end(uow, launch, now=ctx.clock()) is False
 
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.ended
     assert hub.calls == []
@@ -212,28 +219,28 @@ def test_queued_launch_ended_before_it_ran_never_touches_the_hub(
 
 
 @pytest.mark.parametrize("status", [Status.failed, Status.ended])
-def test_terminal_launches_are_left_alone(ctx: LaunchContext, hub: FakeHub, status: Status) -> None:
+def test_terminal_launches_are_left_alone(ctx: WorkerContext, hub: FakeHub, status: Status) -> None:
     launch_id = new_launch(ctx)
     with session_scope(ctx.settings.database_url) as db:
         launch = get_launch(db, launch_id)
         assert launch is not None
         launch.status = status
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id) == DONE
     assert hub.calls == []
 
 
 def test_a_duplicate_run_finishing_first_leaves_the_launch_ready(
-    ctx: LaunchContext, hub: FakeHub
+    ctx: WorkerContext, hub: FakeHub
 ) -> None:
     launch_id = new_launch(ctx)
 
     def duplicate_wins(what: str, name: str) -> None:
         if what == "create_token" and not hub.tokens:
             hub.on_call = None
-            assert launcher.advance(ctx, launch_id) == launcher.DONE  # the duplicate
+            assert advance(ctx, launch_id) == DONE  # the duplicate
 
     hub.on_call = duplicate_wins
-    assert launcher.advance(ctx, launch_id) == launcher.DONE
+    assert advance(ctx, launch_id) == DONE
 
     launch, phases = load(ctx, launch_id)
     assert launch.status == Status.ready
@@ -241,16 +248,16 @@ def test_a_duplicate_run_finishing_first_leaves_the_launch_ready(
     assert launch.hub_user in hub.users
 
 
-def test_a_slow_stop_is_left_for_a_later_attempt(ctx: LaunchContext, hub: FakeHub) -> None:
+def test_a_slow_stop_is_left_for_a_later_attempt(ctx: WorkerContext, hub: FakeHub) -> None:
     launch_id = new_launch(ctx)
-    launcher.advance(ctx, launch_id)
+    advance(ctx, launch_id)
     name = load(ctx, launch_id)[0].hub_user
     assert name is not None
     hub.stop_pending_rounds = 100
 
-    assert launcher.remove_hub_user(hub, name, wait=0) is False  # type: ignore[arg-type]
+    assert remove_hub_user(hub, name, wait=0) is False
     assert name in hub.users and ("delete_user", name) not in hub.calls
 
     hub.stop_pending_rounds = 0
-    assert launcher.remove_hub_user(hub, name) is True  # type: ignore[arg-type]
+    assert remove_hub_user(hub, name) is True
     assert name not in hub.users

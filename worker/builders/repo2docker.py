@@ -86,8 +86,7 @@ class Repo2DockerBuilder:
         started = time.monotonic()
         timer.start()
         try:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
+            for raw in proc.stdout or ():  # always a pipe: stdout=PIPE above
                 line = _message(raw)
                 if line:
                     tail.append(line)

@@ -1,0 +1,234 @@
+"""The launch steps: from a queued row to a running server.
+
+Each step re-reads the row, does only the work that is missing and records the change through
+``worker.transitions`` in a unit of work of its own, so running the whole thing twice (a
+redelivered message, a retry) has one effect: the Hub user name is chosen once and stored
+before the first Hub call, "already exists" and "already running" count as done, and the move
+to ``ready`` is conditional on nobody having asked to end the launch meanwhile. No transaction
+is open while the Hub or the repository host is called.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from worker import builds, transitions
+from worker.broker import build_message
+from worker.builders import environment_name
+from worker.context import WorkerContext
+from worker.hub_client import HubRequestError, HubUnavailable
+from worker.models import Build, Phase, Status
+from worker.outcome import DONE, Outcome, backoff, handoff
+from worker.queries import get_launch, last_problem
+from worker.repos import RepoSpec, ResolveError, SpecError
+from worker.teardown import teardown
+
+log = logging.getLogger(__name__)
+
+# Extra life for the server token beyond the session, so a clock skew never cuts a session short.
+TOKEN_GRACE = 60
+
+
+class LaunchTimedOut(Exception):
+    """The launch passed its deadline before its next step."""
+
+
+class BuildRefused(Exception):
+    """The environment this launch needs failed to build; the message carries the log tail."""
+
+
+class LaunchVanished(Exception):
+    """The launch's row is gone (it is never deleted while a task runs; a wiped database)."""
+
+
+def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
+    """Run the missing steps of one launch until it is ready, failed or must wait for the Hub."""
+    try:
+        return _advance(ctx, launch_id)
+    except LaunchTimedOut:
+        return _fail(ctx, launch_id, _timed_out(ctx, launch_id))
+    except HubUnavailable as e:
+        with ctx.units.begin() as uow:
+            launch = get_launch(uow.db, launch_id)
+            if launch is None or launch.is_terminal:
+                return DONE
+            remaining = (ctx.deadline(launch) - ctx.clock()).total_seconds()
+            if remaining > 0:
+                # Never sleep past the deadline: the last try happens in time to report it.
+                delay = min(backoff(attempt, retry_after=e.retry_after), remaining)
+                log.warning("launch %s: %s; retrying in %.1fs", launch_id, e.message, delay)
+                transitions.note(
+                    uow,
+                    launch,
+                    Phase.launching,
+                    f"Waiting for the Hub ({e.detail}); retrying in {delay:.1f} s",
+                    data={"problem": e.message},
+                    now=ctx.clock(),
+                )
+                return Outcome(retry_in=delay)
+        return _fail(ctx, launch_id, transitions.timeout_message(_timeout(ctx), e.message))
+    except HubRequestError as e:
+        log.warning("launch %s failed: %s", launch_id, e.message)
+        return _fail(ctx, launch_id, _user_message(e))
+    except BuildRefused as e:
+        return _fail(ctx, launch_id, str(e))
+    except (ResolveError, SpecError) as e:
+        return _fail(ctx, launch_id, f"The repository could not be resolved: {e}")
+    except LaunchVanished:
+        log.warning("launch %s: its row is gone; nothing to do", launch_id)
+        return DONE
+    except Exception:
+        log.exception("launch %s: unexpected error", launch_id)
+        return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")
+
+
+def _timeout(ctx: WorkerContext) -> int:
+    return ctx.settings.launch_timeout
+
+
+def _timed_out(ctx: WorkerContext, launch_id: str) -> str:
+    with ctx.units.begin() as uow:
+        problem = last_problem(uow.db, launch_id)
+    return transitions.timeout_message(_timeout(ctx), problem)
+
+
+def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.is_terminal or launch.status == Status.ready:
+            return DONE
+        ending = launch.end_requested_at is not None
+        if ending:
+            transitions.mark_ended(uow, launch, now=ctx.clock())
+        elif ctx.clock() >= ctx.deadline(launch):
+            raise LaunchTimedOut
+        repo = launch.spec.get("repo")
+    if ending:
+        return handoff(teardown(ctx, launch_id))
+    if repo is not None:
+        image_or_wait = _environment(ctx, launch_id)
+        if isinstance(image_or_wait, Outcome):
+            return image_or_wait
+        image = image_or_wait
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.is_terminal:
+            return DONE
+        if repo is None:
+            image = launch.spec["image"]
+        now = ctx.clock()
+        name = transitions.mark_launching(
+            uow,
+            launch,
+            user_prefix=ctx.settings.user_prefix,
+            deadline=now + timedelta(seconds=ctx.settings.launch_timeout),
+            now=now,
+        )
+        deadline = ctx.deadline(launch)
+        uow.notify(launch_id)
+
+    ctx.hub.create_user(name)
+    ready = ctx.hub.start_server(name, {"image": image})
+    if not ready:
+        remaining = (deadline - ctx.clock()).total_seconds()
+        ctx.hub.wait_ready(
+            name, timeout=max(remaining, 0.1), on_progress=lambda m: _progress(ctx, launch_id, m)
+        )
+    return _issue_token(ctx, launch_id, name)
+
+
+def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
+    """For a repository launch: resolve the ref once, then build the environment once.
+    Returns the image for the spawner, or what to do while the build runs."""
+    builder = ctx.need_builder()
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None:
+            raise LaunchVanished(launch_id)
+        commit = launch.commit
+        if commit is None and launch.status == Status.queued:
+            now = ctx.clock()
+            budget = ctx.settings.build_timeout + ctx.settings.launch_timeout
+            transitions.mark_building(
+                uow, launch, deadline=now + timedelta(seconds=budget), now=now
+            )
+        spec = RepoSpec(launch.spec["repo"], launch.spec.get("ref", "HEAD"))
+    if commit is None:
+        commit = ctx.resolve(spec, ctx.settings)
+        resolved = environment_name(spec.url, commit, builder.version)
+        with ctx.units.begin() as uow:
+            transitions.record_commit(uow, launch_id, commit, resolved, ctx.clock())
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None:
+            raise LaunchVanished(launch_id)
+        if launch.env_name is None:
+            raise RuntimeError(f"launch {launch_id} has a commit but no environment name")
+        name = launch.env_name
+        if launch.status != Status.building:
+            return builder.image(name)  # a duplicate run got past the build
+        decision = builds.decide(uow, launch, builder, ctx.clock())
+        if decision == builds.Decision.failed:
+            refusal = builds.failure_message(uow.db.get(Build, name))
+        if decision == builds.Decision.start:
+            uow.send(build_message(name))
+        uow.notify(launch_id)
+    if decision == builds.Decision.failed:
+        raise BuildRefused(refusal)
+    if decision == builds.Decision.ready:
+        return builder.image(name)
+    return Outcome(retry_in=builds.POLL_SECONDS)
+
+
+def _progress(ctx: WorkerContext, launch_id: str, message: str) -> None:
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is not None and not launch.is_terminal:
+            # Progress: the cleanup pass will not think it lost.
+            transitions.note(uow, launch, Phase.launching, message, now=ctx.clock(), progress=True)
+
+
+def _issue_token(ctx: WorkerContext, launch_id: str, name: str) -> Outcome:
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.status != Status.launching:
+            return DONE
+        lifetime = launch.lifetime
+    # The token opens this one user's server only and dies with the session.
+    token = ctx.hub.create_token(
+        name,
+        scopes=[f"access:servers!user={name}"],
+        expires_in=lifetime + TOKEN_GRACE,
+        note=f"hublaunch session {launch_id}",
+    )
+    now = ctx.clock()
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None:
+            raise LaunchVanished(launch_id)
+        ciphertext = ctx.cipher.encrypt(token.encode()).decode()
+        if transitions.mark_ready(
+            uow, launch, token_ciphertext=ciphertext, public_url=ctx.settings.public_url, now=now
+        ):
+            log.info("launch %s ready as %s", launch_id, name)
+            return DONE
+        if launch.end_requested_at is None or launch.status != Status.launching:
+            # A duplicate run finished first; the token issued here dies with the session.
+            return DONE
+        # Ended while we were starting it: the owner asked, so take it down now.
+        transitions.mark_ended(uow, launch, now=now)
+    return handoff(teardown(ctx, launch_id))
+
+
+def _fail(ctx: WorkerContext, launch_id: str, message: str) -> Outcome:
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.is_terminal:
+            return DONE
+        transitions.mark_failed(uow, launch, message, now=ctx.clock())
+    return handoff(teardown(ctx, launch_id))
+
+
+def _user_message(e: HubRequestError) -> str:
+    return f"The server could not be started: {e.detail.removeprefix('Spawn failed: ')}"

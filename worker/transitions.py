@@ -1,0 +1,380 @@
+"""The launch state machine: the only writer of a launch's status, its timestamps, its token
+ciphertext and the events that tell watchers about them.
+
+Every change of state is one function here, called inside a unit of work; each checks that
+the move is legal (in Python for a loaded row, in the WHERE clause for the conditional and bulk
+UPDATEs that decide races) and records the matching event and doorbell. The table:
+
+    queued    -> building | launching | failed | ended
+    building  -> launching | failed | ended
+    launching -> ready | failed | ended
+    ready     -> ended
+    failed, ended: final
+
+``end_requested_at``, ``user_removed_at`` and the cleanup lease are not statuses: a requested
+end is carried out by whoever holds the launch (``mark_ended``), and a removed user is recorded
+with ``mark_user_removed``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_
+from sqlalchemy.orm import Session
+
+from worker.broker import launch_message
+from worker.db import bulk_update, rowcount
+from worker.models import TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
+from worker.unit_of_work import UnitOfWork
+
+STARTING = (Status.queued, Status.building, Status.launching)
+
+ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.queued: frozenset({Status.building, Status.launching, Status.failed, Status.ended}),
+    Status.building: frozenset({Status.launching, Status.failed, Status.ended}),
+    Status.launching: frozenset({Status.ready, Status.failed, Status.ended}),
+    Status.ready: frozenset({Status.ended}),
+    Status.failed: frozenset(),
+    Status.ended: frozenset(),
+}
+
+ENDED_BEFORE_READY = "The launch was ended before it was ready."
+
+
+class IllegalTransition(Exception):
+    """A caller asked for a move the table does not allow (a bug, never visitor input)."""
+
+    def __init__(self, launch_id: str, source: Status, target: Status) -> None:
+        super().__init__(f"launch {launch_id}: {source} -> {target} is not allowed")
+
+
+def sources(target: Status) -> tuple[Status, ...]:
+    """The statuses a launch may move to ``target`` from (for conditional UPDATEs)."""
+    return tuple(status for status, targets in ALLOWED.items() if target in targets)
+
+
+def _move(launch: Launch, target: Status, now: datetime) -> None:
+    if target not in ALLOWED[launch.status]:
+        raise IllegalTransition(launch.id, launch.status, target)
+    launch.status = target
+    launch.updated_at = now
+
+
+# -- text ----------------------------------------------------------------------------
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    if "image" in spec:
+        return f"image {spec['image']}"
+    return f"{spec['repo']}@{spec.get('ref', 'HEAD')}"
+
+
+def printable(text: str) -> str:
+    """Text as the database can store it: PostgreSQL refuses NUL in text, and a repository
+    decides what its build prints."""
+    return text.replace("\x00", "\ufffd")
+
+
+def timeout_message(seconds: int, problem: str | None = None) -> str:
+    because = f" (last problem: {problem})" if problem else ""
+    return f"The server did not start within {seconds} s{because}. Try again in a few minutes."
+
+
+# -- events --------------------------------------------------------------------------
+
+
+def note(
+    uow: UnitOfWork,
+    launch: Launch,
+    phase: Phase,
+    message: str,
+    *,
+    now: datetime,
+    data: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> None:
+    """Record an event without a change of status; ``progress`` also tells the cleanup pass
+    the launch is moving (it re-sends launches that stay quiet)."""
+    _event(uow.db, launch.id, phase, message, now=now, data=data)
+    if progress:
+        launch.updated_at = now
+    uow.notify(launch.id)
+
+
+def _event(
+    db: Session,
+    launch_id: str,
+    phase: Phase,
+    message: str,
+    *,
+    now: datetime,
+    data: dict[str, Any] | None = None,
+) -> None:
+    db.add(
+        LaunchEvent(
+            launch_id=launch_id,
+            phase=phase,
+            message=printable(message),
+            data=data,
+            created_at=now,
+        )
+    )
+
+
+# -- one launch at a time --------------------------------------------------------------
+
+
+def new_launch_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 bits: the capability to watch and end a launch
+
+
+def new_hub_user_name(prefix: str) -> str:
+    # Hub names are case-insensitive; hex keeps them lower-case and URL-safe. 64 bits of entropy.
+    return f"{prefix}{secrets.token_hex(8)}"
+
+
+def create(
+    uow: UnitOfWork, spec: dict[str, Any], *, lifetime: int, timeout: int, now: datetime
+) -> Launch:
+    """A new launch, ``queued``."""
+    launch = Launch(
+        id=new_launch_id(),
+        status=Status.queued,
+        spec=spec,
+        lifetime=lifetime,
+        created_at=now,
+        updated_at=now,
+        deadline_at=now + timedelta(seconds=timeout),
+    )
+    uow.db.add(launch)
+    uow.db.flush()
+    _event(uow.db, launch.id, Phase.waiting, f"Launch of {describe_spec(spec)} queued", now=now)
+    uow.db.flush()
+    return launch
+
+
+def mark_building(uow: UnitOfWork, launch: Launch, *, deadline: datetime, now: datetime) -> None:
+    """``queued`` -> ``building``: a repository launch starts resolving and building."""
+    _move(launch, Status.building, now)
+    launch.deadline_at = deadline
+    note(uow, launch, Phase.fetching, f"Resolving {describe_spec(launch.spec)}", now=now)
+
+
+def record_commit(
+    uow: UnitOfWork, launch_id: str, commit: str, env_name: str, now: datetime
+) -> None:
+    """What a repository launch's ref resolved to, kept from the first resolution only."""
+    uow.db.execute(
+        bulk_update(Launch)
+        .where(Launch.id == launch_id, Launch.commit.is_(None))
+        .values(commit=commit, env_name=env_name, updated_at=now)
+    )
+
+
+def mark_launching(
+    uow: UnitOfWork, launch: Launch, *, user_prefix: str, deadline: datetime, now: datetime
+) -> str:
+    """-> ``launching``, choosing the Hub user name once: the UPDATE is conditional on there
+    being none yet, so a concurrent duplicate run cannot pick a second one. Returns the name."""
+    if launch.hub_user is None:
+        chosen = rowcount(
+            uow.db,
+            bulk_update(Launch)
+            .where(
+                Launch.id == launch.id,
+                Launch.hub_user.is_(None),
+                Launch.status.in_(sources(Status.launching)),
+            )
+            .values(
+                hub_user=new_hub_user_name(user_prefix),
+                status=Status.launching,
+                updated_at=now,
+                deadline_at=deadline,
+            ),
+        )
+        uow.db.refresh(launch)
+        if chosen:
+            if "image" in launch.spec:
+                note(uow, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now)
+            note(uow, launch, Phase.launching, "Launching server...", now=now)
+    if launch.hub_user is None:
+        raise IllegalTransition(launch.id, launch.status, Status.launching)
+    return launch.hub_user
+
+
+def mark_ready(
+    uow: UnitOfWork,
+    launch: Launch,
+    *,
+    token_ciphertext: str,
+    public_url: str,
+    now: datetime,
+) -> bool:
+    """``launching`` -> ``ready``, unless someone asked to end the launch meanwhile (the owner
+    or a cleanup pass): the UPDATE is conditional on both, so exactly one side wins."""
+    became_ready = rowcount(
+        uow.db,
+        bulk_update(Launch)
+        .where(
+            Launch.id == launch.id,
+            Launch.status.in_(sources(Status.ready)),
+            Launch.end_requested_at.is_(None),
+        )
+        .values(
+            status=Status.ready,
+            token_ciphertext=token_ciphertext,
+            ready_at=now,
+            expires_at=now + timedelta(seconds=launch.lifetime),
+            updated_at=now,
+        ),
+    )
+    uow.db.refresh(launch)
+    if became_ready:
+        url = launch.server_url(public_url)
+        note(uow, launch, Phase.ready, "Server ready", data={"url": url}, now=now)
+    return bool(became_ready)
+
+
+def mark_failed(
+    uow: UnitOfWork, launch: Launch, message: str, *, now: datetime, user_removed: bool = False
+) -> None:
+    """A starting launch -> ``failed``. ``user_removed`` when no Hub user can exist (nothing was
+    started), so no cleanup is owed."""
+    _move(launch, Status.failed, now)
+    launch.error = message
+    launch.end_reason = EndReason.failed
+    launch.ended_at = now
+    launch.token_ciphertext = None
+    if user_removed:
+        launch.user_removed_at = now
+    note(uow, launch, Phase.failed, message, now=now)
+
+
+def mark_ended(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None:
+    """A starting or ready launch -> ``ended``, for the reason already recorded (or because its
+    owner asked). Watchers of a launch that never became ready are told it will not."""
+    if launch.status in STARTING:
+        note(uow, launch, Phase.failed, ENDED_BEFORE_READY, now=now)
+    _move(launch, Status.ended, now)
+    launch.end_reason = launch.end_reason or EndReason.requested
+    launch.ended_at = now
+    launch.token_ciphertext = None
+    uow.notify(launch.id)
+
+
+def request_end(uow: UnitOfWork, launch: Launch, *, now: datetime) -> bool:
+    """Mark the launch as to be ended by its owner. True when a teardown must be sent.
+
+    The flag is set with one UPDATE, then the status is re-read: a launch task that is still
+    running sees the flag (``mark_ready`` is conditional on it) and tears down itself;
+    otherwise nothing else is running for this launch and the teardown is sent.
+    """
+    uow.db.execute(
+        bulk_update(Launch)
+        .where(Launch.id == launch.id, Launch.end_requested_at.is_(None))
+        .values(end_requested_at=now, updated_at=now)
+    )
+    uow.db.flush()
+    uow.db.refresh(launch)
+    if launch.user_removed_at is not None and launch.status in TERMINAL:
+        return False
+    return launch.status in (Status.ready, Status.failed, Status.ended)
+
+
+def mark_user_removed(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None:
+    """The Hub user is confirmed gone: nothing is owed any more. A launch not yet final ends."""
+    launch.user_removed_at = now
+    launch.token_ciphertext = None
+    launch.updated_at = now
+    if not launch.is_terminal:
+        mark_ended(uow, launch, now=now)
+    else:
+        uow.notify(launch.id)
+
+
+# -- many launches at once (the cleanup pass's claims) --------------------------------------
+
+
+Claimed = list[tuple[str, str | None]]  # (launch id, Hub user)
+
+
+def _claim(uow: UnitOfWork, where: ColumnElement[bool], values: dict[str, Any]) -> Claimed:
+    rows = uow.db.execute(
+        bulk_update(Launch).where(where).values(**values).returning(Launch.id, Launch.hub_user)
+    )
+    return [(r.id, r.hub_user) for r in rows]
+
+
+def fail_stuck(
+    uow: UnitOfWork, where: ColumnElement[bool], message: str, *, lease: datetime, now: datetime
+) -> Claimed:
+    """Starting launches matching ``where`` -> ``failed`` (their user is removed afterwards)."""
+    claimed = _claim(
+        uow,
+        and_(where, Launch.status.in_(sources(Status.failed))),
+        {
+            "status": Status.failed,
+            "error": message,
+            "end_reason": EndReason.failed,
+            "ended_at": now,
+            "updated_at": now,
+            "token_ciphertext": None,
+            "lease_until": lease,
+        },
+    )
+    for launch_id, _user in claimed:
+        _event(uow.db, launch_id, Phase.failed, message, now=now)
+        uow.notify(launch_id)
+    return claimed
+
+
+def request_ends(
+    uow: UnitOfWork,
+    where: ColumnElement[bool],
+    reason: EndReason,
+    *,
+    lease: datetime,
+    now: datetime,
+) -> Claimed:
+    """Ready sessions matching ``where`` are to end, and why (their teardown ends them)."""
+    return _claim(
+        uow,
+        and_(where, Launch.status == Status.ready, Launch.end_requested_at.is_(None)),
+        {"end_requested_at": now, "end_reason": reason, "updated_at": now, "lease_until": lease},
+    )
+
+
+def end_gone(uow: UnitOfWork, launch_ids: Sequence[str], *, now: datetime) -> Claimed:
+    """Ready sessions whose Hub user vanished -> ``ended`` (gone), nothing left to remove."""
+    claimed = _claim(
+        uow,
+        and_(
+            Launch.id.in_(launch_ids),
+            Launch.status == Status.ready,
+            Launch.user_removed_at.is_(None),
+        ),
+        {
+            "status": Status.ended,
+            "end_reason": EndReason.gone,
+            "ended_at": now,
+            "updated_at": now,
+            "user_removed_at": now,
+            "token_ciphertext": None,
+        },
+    )
+    for launch_id, _user in claimed:
+        uow.notify(launch_id)
+    return claimed
+
+
+def resend_quiet(uow: UnitOfWork, where: ColumnElement[bool], *, now: datetime) -> Claimed:
+    """Starting launches matching ``where`` made no progress: send each again (every step is
+    idempotent), and reset their clock so the next pass does not send them again at once."""
+    claimed = _claim(uow, and_(where, Launch.status.in_(STARTING)), {"updated_at": now})
+    for launch_id, _user in claimed:
+        uow.send(launch_message(launch_id))
+    return claimed

@@ -1,0 +1,93 @@
+"""The transaction boundary: the one place that commits, and the one place that sends tasks.
+
+A unit of work is one database transaction plus two outboxes: task messages for the broker and
+doorbells for event-stream watchers. Both go out only after the commit succeeded, so a message
+never names a row that might still roll back, and both are dropped when the transaction rolls
+back (as warehouse's and polar's job queues do). Domain code asks for a send with
+``uow.send(...)``; it never commits and never talks to the broker itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from worker.broker import Broker, Message, QueueUnavailable
+from worker.db import session_factory
+
+log = logging.getLogger(__name__)
+
+
+def _no_doorbell(_launch_id: str) -> None:
+    pass
+
+
+@dataclass
+class UnitOfWork:
+    db: Session
+    messages: list[Message] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+    def send(self, message: Message) -> None:
+        """Send ``message`` once this unit's transaction has committed."""
+        self.messages.append(message)
+
+    def notify(self, launch_id: str) -> None:
+        """Wake the launch's watchers once this unit's transaction has committed."""
+        if launch_id not in self.notices:
+            self.notices.append(launch_id)
+
+
+class Undelivered(QueueUnavailable):
+    """The transaction committed but the broker refused some of its messages."""
+
+    def __init__(self, messages: list[Message], reason: str) -> None:
+        super().__init__(reason)
+        self.messages = messages
+
+
+@dataclass(frozen=True)
+class Units:
+    """Opens units of work on one database, delivering to one broker and one doorbell."""
+
+    database_url: str
+    broker: Broker
+    doorbell: Callable[[str], None] = _no_doorbell
+
+    @contextmanager
+    def begin(self) -> Iterator[UnitOfWork]:
+        """Commit on success then deliver; roll back and drop everything on error.
+
+        Raises ``Undelivered`` (after the commit) naming the messages the broker refused, once
+        every message was tried: the caller decides what a lost message means.
+        """
+        db = session_factory(self.database_url)()
+        uow = UnitOfWork(db)
+        try:
+            yield uow
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        finally:
+            db.close()
+        self._deliver(uow)
+
+    def _deliver(self, uow: UnitOfWork) -> None:
+        for launch_id in uow.notices:
+            self.doorbell(launch_id)
+        refused: list[Message] = []
+        reason = ""
+        for message in uow.messages:
+            try:
+                self.broker.send(message)
+            except QueueUnavailable as e:
+                log.error("could not send %s %s: %s", message.task, message.argument, e)
+                refused.append(message)
+                reason = str(e)
+        if refused:
+            raise Undelivered(refused, reason)

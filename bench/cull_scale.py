@@ -24,8 +24,8 @@ SQLAlchemy's cursor events) and the rest. Last, every distinct statement of a pa
 under ``EXPLAIN (ANALYZE, BUFFERS)`` (inside a transaction that is rolled back) to show which
 index it uses and how many rows it touches.
 
-    .venv/bin/python bench/cull_scale.py
-    .venv/bin/python bench/cull_scale.py --sessions 2000 --history 20000 --repeat 3
+    .venv/bin/python -m bench.cull_scale
+    .venv/bin/python -m bench.cull_scale --sessions 2000 --history 20000 --repeat 3
 
 Exits non-zero when the setup failed, a pass acted on something, or the time limit was reached.
 """
@@ -36,38 +36,34 @@ import argparse
 import contextlib
 import re
 import secrets
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from cull_vs_idle_culler import CountingHub, machine_info  # noqa: E402
-from launch_overhead import BROKER_URL, bench_database, forget_queue  # noqa: E402
-
-from hublaunch.stack import Stack, StackConfig  # noqa: E402
-from worker.crypto import cipher  # noqa: E402
-from worker.cull import cull_pass  # noqa: E402
-from worker.hub_client import HubClient  # noqa: E402
-from worker.launcher import LaunchContext  # noqa: E402
-from worker.models import EndReason, Launch, Status  # noqa: E402
+from bench.common import (
+    BenchFailure,
+    CountingHub,
+    Run,
+    bench_context,
+    bench_database,
+    bench_run,
+    hub_http,
+    machine_info,
+    print_info,
+)
+from hublaunch.stack import Stack
+from worker.cull import cull_pass
+from worker.hub_client import HubClient
+from worker.models import EndReason, Launch, Status
 
 USER_PREFIX = "hl-"
 DAY = 86400
@@ -76,10 +72,6 @@ SETTINGS = {
     "steady": {"orphan_grace": 0, "idle_timeout": DAY},
 }
 START_CONCURRENCY = 8
-
-
-class BenchFailure(Exception):
-    pass
 
 
 # -- SQL statements, timed from SQLAlchemy's cursor events --------------------------------------
@@ -149,11 +141,7 @@ def label(sql: str) -> str:
 
 
 def create_hub_users(stack: Stack, names: list[str], batch: int, deadline: float) -> None:
-    with httpx.Client(
-        base_url=stack.hub_api_url + "/",
-        headers={"Authorization": f"token {stack.hub_token}"},
-        timeout=300,
-    ) as http:
+    with hub_http(stack, timeout=300) as http:
         for i in range(0, len(names), batch):
             if time.monotonic() > deadline:
                 raise BenchFailure("time limit reached while creating Hub users")
@@ -262,11 +250,11 @@ def run_pass(
     settings = stack.settings().model_copy(update=SETTINGS[setting])
     client = HubClient(settings.hub_api_url, stack.hub_token, timeout=60)
     hub = CountingHub(client)
-    ctx = LaunchContext(settings=settings, hub=hub, cipher=cipher(settings))  # type: ignore[arg-type]
+    ctx = bench_context(settings, hub, doorbell=lambda _launch_id: None)
     try:
         with recorder.record() as statements:
             t0 = time.perf_counter()
-            actions = cull_pass(ctx, resend=lambda _launch_id: None)
+            actions = cull_pass(ctx)
             total = time.perf_counter() - t0
     finally:
         client.close()
@@ -387,102 +375,78 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 1 or args.history < 0 or args.repeat < 1:
         parser.error("--sessions and --repeat at least 1, --history at least 0")
 
-    def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
-    started = time.monotonic()
-    deadline = started + args.time_limit
-    tmp = Path(tempfile.mkdtemp(prefix="hublaunch-bench-scale-"))
-    queue = f"bench-scale-{secrets.token_hex(6)}"
     recorder = SqlRecorder()
     recorder.install()
-    info = machine_info()
     timings: list[PassTiming] = []
-    ok = False
-    try:
-        with bench_database(False, tmp) as (database_url, db_kind):
-            info.append(("database", db_kind))
-            stack = Stack(
-                StackConfig(
-                    data_dir=tmp / "stack",
-                    database_url=database_url,
-                    broker_url=BROKER_URL,
-                    spawner="fake",
-                    queue=queue,
-                    beat=False,
-                )
+    with bench_run("hublaunch-bench-scale-", keep=args.keep) as run:
+        try:
+            measure(run, args, recorder, timings)
+            run.ok = True
+        except BenchFailure as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            if timings:
+                report(timings, args.sessions)
+    return run.exit_code
+
+
+def measure(
+    run: Run, args: argparse.Namespace, recorder: SqlRecorder, timings: list[PassTiming]
+) -> None:
+    deadline = time.monotonic() + args.time_limit
+    with bench_database() as db:
+        info = machine_info(("database", db.kind))
+        stack = run.stack("stack", db, beat=False)
+        with stack.running():
+            names = [f"{USER_PREFIX}s{i:06d}" for i in range(args.sessions)]
+            t0 = time.perf_counter()
+            create_hub_users(stack, names, args.batch, deadline)
+            print(f"{len(names)} Hub users created in {time.perf_counter() - t0:.1f} s", flush=True)
+            t0 = time.perf_counter()
+            start_servers(stack, names, deadline)
+            print(
+                f"{len(names)} fake servers started in {time.perf_counter() - t0:.1f} s",
+                flush=True,
             )
-            print(f"starting the stack ({db_kind}; logs in {stack.logs}) ...", flush=True)
-            with stack.running():
-                names = [f"{USER_PREFIX}s{i:06d}" for i in range(args.sessions)]
-                t0 = time.perf_counter()
-                create_hub_users(stack, names, args.batch, deadline)
-                print(
-                    f"{len(names)} Hub users created in {time.perf_counter() - t0:.1f} s",
-                    flush=True,
-                )
-                t0 = time.perf_counter()
-                start_servers(stack, names, deadline)
-                print(
-                    f"{len(names)} fake servers started in {time.perf_counter() - t0:.1f} s",
-                    flush=True,
-                )
-                t0 = time.perf_counter()
-                insert_rows(database_url, live_rows(names, datetime.now(UTC)))
-                print(
-                    f"{len(names)} ready launch rows inserted in {time.perf_counter() - t0:.1f} s",
-                    flush=True,
-                )
-                last: list[Statement] = []
-                for history in (0, args.history):
-                    if history:
-                        t0 = time.perf_counter()
-                        insert_rows(database_url, history_rows(history, datetime.now(UTC)))
+            t0 = time.perf_counter()
+            insert_rows(db.url, live_rows(names, datetime.now(UTC)))
+            print(
+                f"{len(names)} ready launch rows inserted in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+            last: list[Statement] = []
+            for history in (0, args.history):
+                if history:
+                    t0 = time.perf_counter()
+                    insert_rows(db.url, history_rows(history, datetime.now(UTC)))
+                    print(
+                        f"{history} history rows inserted and analyzed in "
+                        f"{time.perf_counter() - t0:.1f} s",
+                        flush=True,
+                    )
+                for setting in SETTINGS:
+                    for _ in range(args.repeat):
+                        if time.monotonic() > deadline:
+                            raise BenchFailure("time limit reached")
+                        timing, statements = run_pass(stack, setting, history, recorder)
+                        timings.append(timing)
+                        if setting == "steady":
+                            last = statements
                         print(
-                            f"{history} history rows inserted and analyzed in "
-                            f"{time.perf_counter() - t0:.1f} s",
+                            f"  history {history:>6} {setting:<6}: {timing.total:.2f} s "
+                            f"(Hub list {timing.hub_list:.2f} s, SQL {timing.sql:.3f} s "
+                            f"in {timing.statements} statements)",
                             flush=True,
                         )
-                    for setting in SETTINGS:
-                        for _ in range(args.repeat):
-                            if time.monotonic() > deadline:
-                                raise BenchFailure("time limit reached")
-                            timing, statements = run_pass(stack, setting, history, recorder)
-                            timings.append(timing)
-                            if setting == "steady":
-                                last = statements
-                            print(
-                                f"  history {history:>6} {setting:<6}: {timing.total:.2f} s "
-                                f"(Hub list {timing.hub_list:.2f} s, SQL {timing.sql:.3f} s "
-                                f"in {timing.statements} statements)",
-                                flush=True,
-                            )
-                plans = explain(database_url, last)
-            print()
-            for key, value in info:
-                print(f"{key + ':':<13}{value}")
-            report(timings, args.sessions)
-            print(f"\nEXPLAIN ANALYZE of each statement of a 'steady' pass, {args.history} rows")
-            for name, count, plan in plans:
-                print(f"- {name} (x{count}): {plan_summary(plan)}")
-            (tmp / "plans.txt").write_text(
-                "\n\n".join(f"-- {name} (x{count})\n{plan}" for name, count, plan in plans)
-            )
-            ok = True
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-    except BenchFailure as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        if timings:
-            report(timings, args.sessions)
-    finally:
-        forget_queue(queue)
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    return 0 if ok else 1
+            plans = explain(db.url, last)
+    print()
+    print_info(info)
+    report(timings, args.sessions)
+    print(f"\nEXPLAIN ANALYZE of each statement of a 'steady' pass, {args.history} rows")
+    for name, count, plan in plans:
+        print(f"- {name} (x{count}): {plan_summary(plan)}")
+    (run.tmp / "plans.txt").write_text(
+        "\n\n".join(f"-- {name} (x{count})\n{plan}" for name, count, plan in plans)
+    )
 
 
 if __name__ == "__main__":

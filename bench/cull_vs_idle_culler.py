@@ -26,8 +26,8 @@ each timed part records the CPU seconds the Hub process and the proxy used and h
 machine was, and the hublaunch pass counts and times its Hub calls (a wrapper around its
 HubClient, in this process).
 
-    .venv/bin/python bench/cull_vs_idle_culler.py                  # real (N=30), then fake (N=200)
-    .venv/bin/python bench/cull_vs_idle_culler.py --kinds fake --fake-n 50 --rounds 1
+    .venv/bin/python -m bench.cull_vs_idle_culler                  # real (N=30), then fake (N=200)
+    .venv/bin/python -m bench.cull_vs_idle_culler --kinds fake --fake-n 50 --rounds 1
 
 Exits non-zero when a contender left users behind, a setup failed or the time limit cut the
 run short; a missed target (hublaunch <= 1.2x the floor and >= 3x faster than idle-culler with
@@ -38,41 +38,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
-import secrets
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
 
 import httpx
 import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from launch_overhead import BROKER_URL, bench_database, forget_queue  # noqa: E402
-
-from hublaunch.stack import Stack, StackConfig  # noqa: E402
-from worker.crypto import cipher  # noqa: E402
-from worker.cull import REMOVAL_GRACE, cull_pass  # noqa: E402
-from worker.hub_client import HubClient, HubError  # noqa: E402
-from worker.launcher import LaunchContext, remove_hub_user  # noqa: E402
-from worker.notify import Notifier  # noqa: E402
+from bench.common import (
+    BenchFailure,
+    CountingHub,
+    KeptBroker,
+    Run,
+    bench_context,
+    bench_database,
+    bench_run,
+    hub_http,
+    machine_info,
+    post_launch,
+    print_info,
+    wait_for_phase,
+)
+from hublaunch.stack import Stack
+from worker.cull import REMOVAL_GRACE, cull_pass
+from worker.hub_client import HubClient, HubError
+from worker.hub_users import remove_hub_user
 
 FLOOR_CONCURRENCY = 16
 FLOOR_RETRY_SECONDS = 0.1
@@ -81,10 +82,6 @@ TARGET_VS_IDLE_CULLER = 3.0
 CONTENDERS = ("floor", "hublaunch", "idle-culler")
 PREFIX = {"floor": "raw-", "hublaunch": "hl-", "idle-culler": "ic-"}
 IC_LOG_LINE = re.compile(r"^\[(\w) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] (.*)$")
-
-
-class BenchFailure(Exception):
-    """A setup or a contender did not finish (users left behind, a launch failed, time up)."""
 
 
 class Deadline:
@@ -203,47 +200,6 @@ class CpuMeter:
         self.t.window_busy = 1 - (idle - self.machine[1]) / max(total - self.machine[0], 1)
 
 
-class CountingHub:
-    """Wraps the pass's HubClient: counts and times each kind of call (bench-side only)."""
-
-    def __init__(self, hub: HubClient) -> None:
-        self._hub = hub
-        self.calls: Counter[str] = Counter()
-        self.seconds: Counter[str] = Counter()
-        self.first_call: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> object:
-        attr = getattr(self._hub, name)
-        if not callable(attr) or name.startswith("_") or name == "close":
-            return attr
-
-        def timed(*args: object, **kwargs: object) -> object:
-            t0 = time.perf_counter()
-            try:
-                result = attr(*args, **kwargs)
-                if name == "iter_users":
-                    result = iter(list(result))  # type: ignore[call-overload]
-                return result
-            finally:
-                with self.lock:
-                    self.calls[name] += 1
-                    self.seconds[name] += time.perf_counter() - t0
-                    self.first_call.setdefault(name, t0)
-
-        return timed
-
-    def summary(self, started: float) -> str:
-        calls = ", ".join(
-            f"{k} {self.calls[k]}x ({self.seconds[k]:.2f} s summed)" for k in sorted(self.calls)
-        )
-        writes = [
-            self.first_call[k] for k in ("stop_server", "delete_user") if k in self.first_call
-        ]
-        prelude = f"; first stop sent {min(writes) - started:.2f} s into the pass" if writes else ""
-        return f"Hub calls: {calls}{prelude}"
-
-
 def start_servers(
     hub: HubClient, names: list[str], concurrency: int, deadline: Deadline, timeout: float
 ) -> None:
@@ -292,14 +248,6 @@ def clear_hub(hub: HubClient, deadline: Deadline) -> list[str]:
     return left
 
 
-def read_events(stream: httpx.Response, deadline: float) -> Iterator[dict[str, object]]:
-    for line in stream.iter_lines():
-        if time.monotonic() > deadline:
-            raise BenchFailure("no ready event in time")
-        if line.startswith("data:"):
-            yield json.loads(line[5:])
-
-
 # -- the contenders ---------------------------------------------------------------------------
 
 
@@ -328,11 +276,8 @@ def floor(stack: Stack, hub: HubClient, t: Timing, args: argparse.Namespace, dl:
             retries["delete refused (stopping), retried"] += 1
             time.sleep(FLOOR_RETRY_SECONDS)
 
-    with httpx.Client(
-        base_url=stack.hub_api_url + "/",
-        headers={"Authorization": f"token {stack.hub_token}"},
-        timeout=60,
-        limits=httpx.Limits(max_connections=FLOOR_CONCURRENCY),
+    with hub_http(
+        stack, timeout=60, limits=httpx.Limits(max_connections=FLOOR_CONCURRENCY)
     ) as http:
         t.load = loadavg()
         meter = CpuMeter(stack, t)
@@ -363,19 +308,13 @@ def hublaunch(
     moment = datetime.now(UTC) + timedelta(seconds=120)
     client = HubClient(settings.hub_api_url, stack.hub_token, timeout=settings.hub_request_timeout)
     counting = CountingHub(client)
-    ctx = LaunchContext(
-        settings=settings,
-        hub=counting,  # type: ignore[arg-type]
-        cipher=cipher(settings),
-        notify=Notifier(settings).publish,
-        clock=lambda: moment,
-    )
-    resent: list[str] = []
+    kept = KeptBroker()
+    ctx = bench_context(settings, counting, clock=lambda: moment, broker=kept)
     t.load = loadavg()
     meter = CpuMeter(stack, t)
     meter.start()
     t0 = time.perf_counter()
-    actions = cull_pass(ctx, resend=resent.append)
+    actions = cull_pass(ctx)
     first = time.perf_counter() - t0
     meter.stop()
     t.notes.append(counting.summary(t0))
@@ -389,7 +328,7 @@ def hublaunch(
         t.left_after_first = t.left_after_first or len(left)
         t.notes.append(f"{len(left)} users left after pass {passes}")
         t0 = time.perf_counter()
-        more = cull_pass(ctx, resend=resent.append)
+        more = cull_pass(ctx)
         took = time.perf_counter() - t0
         total += took
         passes += 1
@@ -401,8 +340,8 @@ def hublaunch(
         )
     t.seconds = total
     client.close()
-    if resent:
-        t.notes.append(f"{len(resent)} launches would have been re-sent")
+    if kept.messages:
+        t.notes.append(f"{len(kept.messages)} launches would have been re-sent")
     if left := hub_names(hub, settings.user_prefix):
         raise BenchFailure(f"{len(left)} hl- users left on the Hub after {passes} passes")
     engine = sa.create_engine(stack.config.database_url)
@@ -426,18 +365,9 @@ def launch_sessions(stack: Stack, n: int, args: argparse.Namespace, dl: Deadline
     """N launches through the public API, ``setup_concurrency`` at a time, each to ``ready``."""
 
     def one(client: httpx.Client) -> str:
-        response = client.post("/api/launches", json={"image": "default", "lifetime": 60})
-        if response.status_code != 202:
-            raise BenchFailure(f"POST /api/launches: {response.status_code} {response.text}")
-        launch_id = str(response.json()["id"])
-        end = time.monotonic() + dl.cap(args.ready_timeout)
-        with client.stream("GET", f"/api/launches/{launch_id}/events") as stream:
-            for event in read_events(stream, end):
-                if event.get("phase") == "ready":
-                    return launch_id
-                if event.get("phase") == "failed":
-                    raise BenchFailure(f"launch {launch_id} failed: {event.get('message')}")
-        raise BenchFailure(f"event stream of {launch_id} ended before ready")
+        launch_id = post_launch(client, {"image": "default", "lifetime": 60})
+        wait_for_phase(client, launch_id, "ready", dl.cap(args.ready_timeout))
+        return launch_id
 
     timeout = httpx.Timeout(30, read=60)
     with (
@@ -507,9 +437,9 @@ def idle_culler(
                     polled = time.perf_counter() - t0
                     break
             if time.monotonic() > end:
-                left = len(hub_names(hub, "ic-"))
+                remaining = len(hub_names(hub, "ic-"))
                 raise BenchFailure(
-                    f"idle-culler left {left} users after {args.contender_timeout} s"
+                    f"idle-culler left {remaining} users after {args.contender_timeout} s"
                 )
             time.sleep(0.2)
     finally:
@@ -606,23 +536,18 @@ def kill_leftover_servers(stack: Stack) -> int:
 
 
 def run_kind(
-    kind: str, n: int, args: argparse.Namespace, tmp: Path, dl: Deadline, timings: list[Timing]
+    kind: str, n: int, args: argparse.Namespace, run: Run, dl: Deadline, timings: list[Timing]
 ) -> str:
-    queue = f"bench-cull-{secrets.token_hex(6)}"
-    with bench_database(False, tmp) as (database_url, db_kind):
-        stack = Stack(
-            StackConfig(
-                data_dir=tmp / f"stack-{kind}",
-                database_url=database_url,
-                broker_url=BROKER_URL,
-                spawner=kind,
-                queue=queue,
-                beat=False,
-                # Recorded before the sandbox; sandboxed servers: --kinds sandbox.
-                env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if kind == "local" else {},
-            )
+    with bench_database() as db:
+        stack = run.stack(
+            f"stack-{kind}",
+            db,
+            spawner=kind,
+            beat=False,
+            # Recorded before the sandbox; sandboxed servers: --kinds sandbox.
+            env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if kind == "local" else {},
+            label=f"[{kind}] ",
         )
-        print(f"[{kind}] starting the stack ({db_kind}; logs in {stack.logs}) ...", flush=True)
         try:
             stack.start(timeout=dl.cap(120))
             hub = HubClient(stack.hub_api_url, stack.hub_token, timeout=60)
@@ -661,30 +586,10 @@ def run_kind(
             stack.stop()
             if killed := kill_leftover_servers(stack):
                 print(f"[{kind}] killed {killed} single-user servers left running", flush=True)
-            forget_queue(queue)
-    return db_kind
+    return db.kind
 
 
 # -- the report -------------------------------------------------------------------------------
-
-
-def machine_info() -> list[tuple[str, str]]:
-    import jupyterhub
-    import jupyterhub_idle_culler
-
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    os_name = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip('"')
-    return [
-        ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", f"{os.cpu_count()} cores, {mem_gib:.0f} GiB, {os_name}"),
-        ("python", sys.version.split()[0]),
-        ("jupyterhub", jupyterhub.__version__),
-        ("idle-culler", f"jupyterhub-idle-culler {jupyterhub_idle_culler.__version__}"),
-    ]
 
 
 def cell(t: Timing | None) -> str:
@@ -698,13 +603,11 @@ def report(timings: list[Timing], info: list[tuple[str, str]], args: argparse.Na
     """Print the tables; True when the real-server targets were met (or not measured)."""
     met = True
     print()
-    for key, value in info:
-        print(f"{key + ':':<13}{value}")
-    print(
-        f"{'idle flags:':<13}--cull-users=True --remove-named-servers=True "
-        f"--timeout={args.ic_timeout} --max-age=1 --cull-every={args.ic_cull_every} "
-        f"--concurrency={args.ic_concurrency}"
+    flags = (
+        f"--cull-users=True --remove-named-servers=True --timeout={args.ic_timeout} "
+        f"--max-age=1 --cull-every={args.ic_cull_every} --concurrency={args.ic_concurrency}"
     )
+    print_info([*info, ("idle flags", flags)])
     for kind in dict.fromkeys(t.kind for t in timings):
         rows = [t for t in timings if t.kind == kind]
         rounds = sorted({t.round for t in rows})
@@ -817,37 +720,30 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - {"local", "fake"} or args.rounds < 1:
         parser.error("--kinds takes local and/or fake; --rounds at least 1")
 
-    def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
     dl = Deadline(args.time_limit)
-    tmp = Path(tempfile.mkdtemp(prefix="hublaunch-bench-cull-"))
-    info = machine_info()
+    info = machine_info(
+        ("idle-culler", f"jupyterhub-idle-culler {version('jupyterhub-idle-culler')}")
+    )
     timings: list[Timing] = []
-    ok = False
-    try:
-        for kind in kinds:
-            n = args.real_n if kind == "local" else args.fake_n
-            db_kind = run_kind(kind, n, args, tmp, dl, timings)
-        info.append(("database", db_kind.split(" (")[0] + " (hublaunch's; the Hub's is SQLite)"))
-        report(timings, info, args)
-        expected = len(kinds) * args.rounds * len(CONTENDERS)
-        ok = len(timings) == expected and not any(t.error for t in timings)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-    except BenchFailure as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        if timings:
+    with bench_run("hublaunch-bench-cull-", keep=args.keep) as run:
+        try:
+            for kind in kinds:
+                n = args.real_n if kind == "local" else args.fake_n
+                db_kind = run_kind(kind, n, args, run, dl, timings)
+            info.append(
+                ("database", db_kind.split(" (")[0] + " (hublaunch's; the Hub's is SQLite)")
+            )
             report(timings, info, args)
-    finally:
-        for proc in list(_running):
-            stop_process(proc)
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    return 0 if ok else 1
+            expected = len(kinds) * args.rounds * len(CONTENDERS)
+            run.ok = len(timings) == expected and not any(t.error for t in timings)
+        except BenchFailure as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            if timings:
+                report(timings, info, args)
+        finally:
+            for proc in list(_running):
+                stop_process(proc)
+    return run.exit_code
 
 
 if __name__ == "__main__":

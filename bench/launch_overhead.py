@@ -12,8 +12,8 @@ After each timed launch it is torn down (DELETE, then wait for ``ended``; or rem
 so every launch starts from a quiet system. Prints p50/p95/mean/min of both sides, their
 difference and ratio, and where hublaunch's time goes (from the timestamps it stores).
 
-    .venv/bin/python bench/launch_overhead.py            # PostgreSQL (a throwaway database)
-    .venv/bin/python bench/launch_overhead.py --sqlite   # a SQLite file in the temp directory
+    .venv/bin/python -m bench.launch_overhead            # PostgreSQL (a throwaway database)
+    .venv/bin/python -m bench.launch_overhead --sqlite   # a SQLite file in the temp directory
 
 Exits non-zero when a launch failed or the time limit cut the run short; a missed target
 (hublaunch adds <= 50 ms at p50) is reported, not an error.
@@ -23,81 +23,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import secrets
-import shutil
-import signal
-import sqlite3
-import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from types import FrameType
 
 import httpx
-import redis
 import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.common import (
+    BenchFailure,
+    Run,
+    bench_database,
+    bench_run,
+    compare,
+    end_launch,
+    header,
+    machine_info,
+    post_launch,
+    print_info,
+    row,
+    summarize,
+    verdict,
+    wait_for_phase,
+)
+from hublaunch.stack import Stack
+from worker.hub_client import HubClient, HubError
+from worker.hub_users import remove_hub_user
 
-from hublaunch.stack import Stack, StackConfig  # noqa: E402
-from worker.hub_client import HubClient, HubError  # noqa: E402
-from worker.launcher import remove_hub_user  # noqa: E402
-
-ADMIN_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-BROKER_URL = "redis://127.0.0.1:6379/14"
 TARGET_P50_MS = 50.0
 STEP_TIMEOUT = 30.0  # seconds any one launch, stream or teardown may take
 MAX_FAILURES = 3  # stop early after this many failed launches: something is broken
-
-
-class BenchFailure(Exception):
-    """A launch or a raw cycle did not reach ready (or did not go away again)."""
-
-
-# -- numbers -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    n: int
-    p50: float
-    p95: float
-    mean: float
-    min: float
-
-
-def summarize(values_ms: list[float]) -> Summary | None:
-    if not values_ms:
-        return None
-    if len(values_ms) == 1:
-        v = values_ms[0]
-        return Summary(1, v, v, v, v)
-    cuts = statistics.quantiles(values_ms, n=100, method="inclusive")
-    return Summary(
-        n=len(values_ms),
-        p50=cuts[49],
-        p95=cuts[94],
-        mean=statistics.fmean(values_ms),
-        min=min(values_ms),
-    )
-
-
-def row(label: str, s: Summary | None, width: int = 28) -> str:
-    if s is None:
-        return f"{label:<{width}} {0:>4}        -        -        -        -"
-    return f"{label:<{width}} {s.n:>4} {s.p50:>8.1f} {s.p95:>8.1f} {s.mean:>8.1f} {s.min:>8.1f}"
-
-
-def header(title: str, width: int = 28) -> str:
-    return f"{title:<{width}} {'n':>4} {'p50':>8} {'p95':>8} {'mean':>8} {'min':>8}"
 
 
 # -- the two sides ---------------------------------------------------------------------------
@@ -118,56 +76,19 @@ class RawSample:
     steps_ms: dict[str, float]
 
 
-def read_events(stream: httpx.Response, deadline: float) -> Iterator[dict[str, object]]:
-    """The JSON payloads of a Server-Sent Events response, until ``deadline`` (monotonic).
-
-    The app sends a keepalive comment every 15 s, so a stuck launch still gets us here.
-    """
-    for line in stream.iter_lines():
-        if time.monotonic() > deadline:
-            raise BenchFailure(f"no ready event within {STEP_TIMEOUT:.0f} s")
-        if line.startswith("data:"):
-            yield json.loads(line[5:])
-
-
 def hublaunch_launch(client: httpx.Client) -> HublaunchSample:
     post_started = time.time()
     t0 = time.perf_counter()
-    response = client.post("/api/launches", json={"image": "default"})
+    launch_id = post_launch(client, {"image": "default"})
     post_ms = (time.perf_counter() - t0) * 1000
-    if response.status_code != 202:
-        raise BenchFailure(f"POST /api/launches answered {response.status_code}: {response.text}")
-    launch_id = str(response.json()["id"])
     try:
-        with client.stream("GET", f"/api/launches/{launch_id}/events") as stream:
-            if stream.status_code != 200:
-                raise BenchFailure(f"events of {launch_id} answered {stream.status_code}")
-            for event in read_events(stream, time.monotonic() + STEP_TIMEOUT):
-                if event.get("phase") == "ready":
-                    total_ms = (time.perf_counter() - t0) * 1000
-                    return HublaunchSample(launch_id, total_ms, post_ms, post_started, time.time())
-                if event.get("phase") == "failed":
-                    raise BenchFailure(f"launch {launch_id} failed: {event.get('message')}")
-        raise BenchFailure(f"event stream of {launch_id} ended before ready")
+        wait_for_phase(client, launch_id, "ready", STEP_TIMEOUT)
+        total_ms = (time.perf_counter() - t0) * 1000
+        return HublaunchSample(launch_id, total_ms, post_ms, post_started, time.time())
     except httpx.HTTPError as e:
         raise BenchFailure(f"launch {launch_id}: {type(e).__name__}: {e}") from e
     finally:
-        end_launch(client, launch_id)
-
-
-def end_launch(client: httpx.Client, launch_id: str) -> None:
-    """DELETE the launch and wait until it is ``ended`` (its Hub user is gone by then)."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    try:
-        client.delete(f"/api/launches/{launch_id}")
-        while time.monotonic() < deadline:
-            status = client.get(f"/api/launches/{launch_id}").json()["status"]
-            if status in ("ended", "failed"):
-                return
-            time.sleep(0.02)
-    except httpx.HTTPError as e:
-        raise BenchFailure(f"ending {launch_id}: {type(e).__name__}: {e}") from e
-    raise BenchFailure(f"launch {launch_id} was not ended within {STEP_TIMEOUT:.0f} s")
+        end_launch(client, launch_id, STEP_TIMEOUT)
 
 
 def raw_cycle(hub: HubClient) -> RawSample:
@@ -257,38 +178,6 @@ def _epoch(value: datetime | str) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
-# -- the database ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def bench_database(use_sqlite: bool, tmp: Path) -> Iterator[tuple[str, str]]:
-    """Yield (SQLAlchemy URL, description) of a database that exists for this run only."""
-    if use_sqlite:
-        yield f"sqlite:///{tmp / 'hublaunch.sqlite'}", f"SQLite {sqlite3.sqlite_version} (file)"
-        return
-    name = f"hublaunch_bench_{secrets.token_hex(6)}"
-    admin = sa.create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            version = conn.execute(sa.text("SHOW server_version")).scalar_one()
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
-            yield url, f"PostgreSQL {version.split()[0]} (database {name})"
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
-def forget_queue(queue: str) -> None:
-    """Remove the Redis keys kombu keeps for the run's queue (the queue itself is empty)."""
-    with contextlib.suppress(redis.RedisError):
-        r = redis.Redis.from_url(BROKER_URL, socket_timeout=2)
-        r.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -335,46 +224,24 @@ def run_rounds(stack: Stack, args: argparse.Namespace, started: float) -> Result
     return results
 
 
-def machine_info(db_kind: str) -> list[tuple[str, str]]:
-    import jupyterhub
-
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    os_name = platform.platform()
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip('"')
-    return [
-        ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        (
-            "machine",
-            f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), "
-            f"{mem_gib:.0f} GiB, {os_name}",
-        ),
-        ("python", platform.python_version()),
-        ("jupyterhub", jupyterhub.__version__),
-        ("database", db_kind),
-        ("spawner", "fake (in the Hub process)"),
-    ]
-
-
 def report(results: Results, info: list[tuple[str, str]], database_url: str) -> None:
-    hl = summarize([s.total_ms for s in results.hublaunch])
-    raw = summarize([s.total_ms for s in results.raw])
     print()
-    for key, value in info:
-        print(f"{key + ':':<12}{value}")
+    print_info(info)
     print()
-    print(header("launch until ready (ms)"))
-    print(row("hublaunch (POST -> ready)", hl))
-    print(row("raw Hub cycle", raw))
-    if hl and raw:
-        d50, d95 = hl.p50 - raw.p50, hl.p95 - raw.p95
-        verdict = "met" if d50 <= TARGET_P50_MS else "NOT met"
+    vs_raw = compare(
+        "launch until ready (ms)",
+        [s.total_ms for s in results.hublaunch],
+        [s.total_ms for s in results.raw],
+        ("hublaunch (POST -> ready)", "raw Hub cycle"),
+    )
+    if vs_raw:
         print()
-        print(f"difference p50: {d50:+.1f} ms   p95: {d95:+.1f} ms")
-        print(f"ratio hublaunch/raw at p50: {hl.p50 / raw.p50:.2f}")
-        print(f"target (hublaunch adds <= {TARGET_P50_MS:.0f} ms at p50): {verdict}")
+        print(f"difference p50: {vs_raw.extra_p50:+.1f} ms   p95: {vs_raw.extra_p95:+.1f} ms")
+        print(f"ratio hublaunch/raw at p50: {vs_raw.ratio:.2f}")
+        print(
+            f"target (hublaunch adds <= {TARGET_P50_MS:.0f} ms at p50): "
+            f"{verdict(vs_raw.extra_p50 <= TARGET_P50_MS)}"
+        )
     print()
     print(header("hublaunch stages (ms)"))
     print(row("  POST answered", summarize([s.post_ms for s in results.hublaunch])))
@@ -412,45 +279,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.warmup < 0:
         parser.error("--n must be at least 1 and --warmup at least 0")
 
-    def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="hublaunch-bench-"))
-    queue = f"bench-{secrets.token_hex(6)}"
-    ok = False
-    try:
-        with bench_database(args.sqlite, tmp) as (database_url, db_kind):
-            info = machine_info(db_kind)
-            stack = Stack(
-                StackConfig(
-                    data_dir=tmp / "stack",
-                    database_url=database_url,
-                    broker_url=BROKER_URL,
-                    spawner="fake",
-                    queue=queue,
-                )
+    with bench_run("hublaunch-bench-", keep=args.keep) as run:
+        run.ok = measure(run, args, started)
+    return run.exit_code
+
+
+def measure(run: Run, args: argparse.Namespace, started: float) -> bool:
+    with bench_database(run.tmp / "hublaunch.sqlite" if args.sqlite else None) as db:
+        info = machine_info(("database", db.kind), ("spawner", "fake (in the Hub process)"))
+        stack = run.stack("stack", db)
+        with stack.running():
+            print(
+                f"stack up in {time.monotonic() - started:.1f} s; "
+                f"{args.warmup} warm-up + {args.n} rounds of hublaunch / raw",
+                flush=True,
             )
-            print(f"starting the stack ({db_kind}; logs in {stack.logs}) ...", flush=True)
-            with stack.running():
-                print(
-                    f"stack up in {time.monotonic() - started:.1f} s; "
-                    f"{args.warmup} warm-up + {args.n} rounds of hublaunch / raw",
-                    flush=True,
-                )
-                results = run_rounds(stack, args, started)
-                report(results, info, database_url)
-            ok = not results.failures and not results.timed_out
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-    finally:
-        forget_queue(queue)
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    return 0 if ok else 1
+            results = run_rounds(stack, args, started)
+            report(results, info, db.url)
+    return not results.failures and not results.timed_out
 
 
 if __name__ == "__main__":

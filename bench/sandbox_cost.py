@@ -10,7 +10,7 @@ server's REST API through the proxy, for the per-request cost of the forwarder. 
 alone, without a Hub: starting a box (cgroups, bubblewrap, namespaces, setpriv) that runs
 ``/bin/true`` and ending it, against starting ``/bin/true`` as a plain child process.
 
-    .venv/bin/python bench/sandbox_cost.py [--n 10] [--requests 200] [--boxes 50]
+    .venv/bin/python -m bench.sandbox_cost [--n 10] [--requests 200] [--boxes 50]
 """
 
 from __future__ import annotations
@@ -18,30 +18,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import secrets
-import sys
-import tempfile
+import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launch_overhead import (  # noqa: E402
-    BROKER_URL,
-    Summary,
+from bench.common import (
+    Comparison,
+    Run,
+    bench_database,
+    bench_run,
+    compare,
     end_launch,
-    forget_queue,
-    header,
     machine_info,
-    row,
-    summarize,
+    print_info,
+    verdict,
 )
-
-from hublaunch.stack import Stack, StackConfig  # noqa: E402
-from sandbox import box as boxes  # noqa: E402
+from hublaunch.stack import Stack
+from sandbox import box as boxes
 
 TARGET_RATIO = 1.10
 TARGET_EXTRA_MS = 300.0
@@ -79,8 +74,6 @@ def request_times(url_with_token: str, n: int) -> list[float]:
 
 def box_cycles(n: int) -> tuple[list[float], list[float]]:
     """(ms to start a box, run /bin/true in it and end it; ms to run /bin/true as a child)."""
-    import subprocess
-
     boxed, plain = [], []
     for i in range(n):
         name = f"bench-{secrets.token_hex(4)}-{i}"
@@ -98,43 +91,28 @@ def box_cycles(n: int) -> tuple[list[float], list[float]]:
     return boxed, plain
 
 
-def compare(
+def table(
     title: str,
     boxed: list[float],
     baseline: list[float],
     labels: tuple[str, str] = ("sandboxed", "unsandboxed (baseline)"),
-) -> tuple[Summary, Summary]:
+) -> Comparison:
     """Print one table: the boxed figures and the baseline's, measured in the same run."""
-    print(header(title))
-    box, bare = summarize(boxed), summarize(baseline)
-    print(row(labels[0], box))
-    print(row(labels[1], bare))
-    assert box is not None and bare is not None
-    return box, bare
+    result = compare(title, boxed, baseline, labels)
+    assert result is not None
+    return result
 
 
 @contextlib.contextmanager
-def stacks(tmp: Path) -> Iterator[dict[str, Stack]]:
+def stacks(run: Run) -> Iterator[dict[str, Stack]]:
     made: dict[str, Stack] = {}
-    try:
+    with contextlib.ExitStack() as cleanup:
         for kind, env in (("sandbox", {}), ("local", {"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"})):
-            data = tmp / kind
-            made[kind] = Stack(
-                StackConfig(
-                    data_dir=data,
-                    database_url=f"sqlite:///{data}/hublaunch.sqlite",
-                    broker_url=BROKER_URL,
-                    queue=f"bench-sandbox-{kind}-{secrets.token_hex(3)}",
-                    spawner=kind,
-                    beat=False,
-                    env=env,
-                )
-            ).start(timeout=90)
+            db = cleanup.enter_context(bench_database(run.tmp / f"{kind}.sqlite"))
+            stack = run.stack(kind, db, spawner=kind, beat=False, env=env)
+            cleanup.callback(stack.stop)
+            made[kind] = stack.start(timeout=90)
         yield made
-    finally:
-        for stack in made.values():
-            stack.stop()
-            forget_queue(stack.config.queue)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,10 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="API requests per kind")
     parser.add_argument("--boxes", type=int, default=50, help="box start/end cycles")
     args = parser.parse_args(argv)
+    with bench_run("hublaunch-bench-") as run:
+        measure(run, args)
+        run.ok = True
+    return run.exit_code
+
+
+def measure(run: Run, args: argparse.Namespace) -> None:
     ready: dict[str, list[float]] = {"sandbox": [], "local": []}
     latency: dict[str, list[float]] = {"sandbox": [], "local": []}
-    with tempfile.TemporaryDirectory(prefix="hublaunch-bench-") as tmp, stacks(Path(tmp)) as run:
-        clients = {k: httpx.Client(base_url=s.public_url, timeout=30) for k, s in run.items()}
+    with stacks(run) as made:
+        clients = {k: httpx.Client(base_url=s.public_url, timeout=30) for k, s in made.items()}
         # One warm-up launch each: first imports fill the page cache.
         for client in clients.values():
             _ms, launch_id, _url = launch(client)
@@ -162,30 +147,25 @@ def main(argv: list[str] | None = None) -> int:
         for client in clients.values():
             client.close()
 
-    for key, value in machine_info("SQLite"):
-        if key != "spawner":
-            print(f"{key:>10}: {value}")
-    print("   spawner: real jupyterhub-singleuser, SandboxSpawner vs EnvironmentSpawner")
+    spawner = "real jupyterhub-singleuser, SandboxSpawner vs EnvironmentSpawner"
+    print_info(machine_info(("database", "SQLite"), ("spawner", spawner)))
     print()
-    box, bare = compare("time-to-ready (POST -> ready)", ready["sandbox"], ready["local"])
-    extra, ratio = box.p50 - bare.p50, box.p50 / bare.p50
-    print(f"sandbox cost at p50: {extra:+.0f} ms, ratio {ratio:.3f}")
-    ok = ratio <= TARGET_RATIO and extra <= TARGET_EXTRA_MS
-    verdict = "met" if ok else "NOT met"
-    print(f"target <= {TARGET_RATIO:.2f}x and <= {TARGET_EXTRA_MS:.0f} ms: {verdict}")
+    box = table("time-to-ready (POST -> ready)", ready["sandbox"], ready["local"])
+    print(f"sandbox cost at p50: {box.extra_p50:+.0f} ms, ratio {box.ratio:.3f}")
+    ok = box.ratio <= TARGET_RATIO and box.extra_p50 <= TARGET_EXTRA_MS
+    print(f"target <= {TARGET_RATIO:.2f}x and <= {TARGET_EXTRA_MS:.0f} ms: {verdict(ok)}")
     print()
-    box, bare = compare("GET api/status through the proxy", latency["sandbox"], latency["local"])
-    print(f"forwarder cost at p50: {box.p50 - bare.p50:+.2f} ms, ratio {box.p50 / bare.p50:.3f}")
+    box = table("GET api/status through the proxy", latency["sandbox"], latency["local"])
+    print(f"forwarder cost at p50: {box.extra_p50:+.2f} ms, ratio {box.ratio:.3f}")
     print()
     boxed, plain = box_cycles(args.boxes)
-    box, bare = compare(
+    box = table(
         "a box alone: start, run /bin/true, end",
         boxed,
         plain,
         ("in a box", "plain child (baseline)"),
     )
-    print(f"box cost at p50: {box.p50 - bare.p50:+.1f} ms")
-    return 0
+    print(f"box cost at p50: {box.extra_p50:+.1f} ms")
 
 
 if __name__ == "__main__":

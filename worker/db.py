@@ -70,8 +70,9 @@ def reading(url: str) -> Iterator[Session]:
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """Commit on success, roll back on error: for tests and bench scripts that set up rows by
-    hand. The service itself writes only through a unit of work."""
+    """One transaction: commit on success, roll back on error. The service writes through a
+    unit of work (``worker.unit_of_work``), which wraps this and adds the outbox; tests and bench
+    scripts use it directly to set up rows."""
     db = session_factory(url)()
     try:
         yield db

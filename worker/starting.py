@@ -14,7 +14,7 @@ import logging
 from datetime import timedelta
 
 from worker import builds, transitions
-from worker.broker import build_message
+from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
 from worker.hub_client import HubRequestError, HubUnavailable
@@ -78,6 +78,11 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
     except LaunchVanished:
         log.warning("launch %s: its row is gone; nothing to do", launch_id)
         return DONE
+    except QueueUnavailable as e:
+        # A step committed but its message (a build) was refused: the claim stands, and a
+        # later run (this retry, or the cleanup pass's re-send) picks the launch up again.
+        log.warning("launch %s: queue unavailable: %s", launch_id, e)
+        return Outcome(retry_in=backoff(attempt))
     except Exception:
         log.exception("launch %s: unexpected error", launch_id)
         return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")

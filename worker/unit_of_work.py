@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from worker.broker import Broker, Message, QueueUnavailable
-from worker.db import session_factory
+from worker.db import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,9 @@ class Units:
         Raises ``Undelivered`` (after the commit) naming the messages the broker refused, once
         every message was tried: the caller decides what a lost message means.
         """
-        db = session_factory(self.database_url)()
-        uow = UnitOfWork(db)
-        try:
+        with session_scope(self.database_url) as db:
+            uow = UnitOfWork(db)
             yield uow
-            db.commit()
-        except BaseException:
-            db.rollback()
-            raise
-        finally:
-            db.close()
         self._deliver(uow)
 
     def _deliver(self, uow: UnitOfWork) -> None:

@@ -1,4 +1,4 @@
-# Daily commands. `make help` lists them. Python 3.11+ and Node.js are the only prerequisites.
+# Daily commands. `make help` lists them. Prerequisites (README.md, Quickstart): `make dev` needs Python 3.11+ and Node.js; `make test` also git, chromium, docker-compose, root, PostgreSQL and Redis on 127.0.0.1 (.ci/run installs and starts them).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -55,7 +55,7 @@ migrate: install ## apply migrations to HUBLAUNCH_DATABASE_URL
 	$(BIN)/hublaunch migrate
 
 bench: install ## run the benchmarks (figures go in docs/benchmarks.md)
-	$(BIN)/python bench/launch_overhead.py
+	$(BIN)/python -m bench.launch_overhead
 
 compose-check: ## validate docker-compose.yml (placeholder secrets; nothing is started)
 	@command -v docker-compose >/dev/null || { echo "install docker-compose (apt-get install docker-compose)"; exit 1; }

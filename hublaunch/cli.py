@@ -79,10 +79,10 @@ def _beat(_args: argparse.Namespace) -> int:
 
 
 def _cull(args: argparse.Namespace) -> int:
-    from worker.context import launch_context
+    from worker.context import worker_context
     from worker.cull import cull_pass
 
-    actions = cull_pass(launch_context(), dry_run=args.dry_run)
+    actions = cull_pass(worker_context(), dry_run=args.dry_run)
     rows = [("CATEGORY", "HUB USER", "LAUNCH", "RESULT")]
     rows += [(a.category, a.user or "-", a.launch_id or "-", a.result) for a in actions]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -96,7 +96,7 @@ def _cull(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from hublaunch.dev import run
 
-    return run(port=args.port, spawner=args.spawner)
+    return run(port=args.port, spawner=args.spawner, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["sandbox", "local", "fake"],
         help="sandbox (default; falls back to local, loudly, where no box can be made), "
         "local (unsandboxed) or fake (stand-in servers)",
+    )
+    dev.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print the migrations' and the readiness checks' INFO lines "
+        "(as does HUBLAUNCH_LOG_LEVEL=DEBUG)",
     )
     dev.set_defaults(func=_dev)
     args = parser.parse_args(argv)

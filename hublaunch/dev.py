@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from hublaunch.stack import (
     Stack,
@@ -60,10 +61,15 @@ def start_private_redis(server: str) -> tuple[str, subprocess.Popen[bytes]] | No
     finally:
         os.close(config)
     url = f"redis://:{password}@127.0.0.1:{port}/0"
-    for _ in range(50):
-        if redis_answers(url):
-            return url, proc
-        time.sleep(0.1)
+    try:
+        for _ in range(50):
+            if redis_answers(url):
+                return url, proc
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C while it starts: it has its own session, so end it here
+        proc.kill()
+        proc.wait()
+        raise
     proc.kill()
     proc.wait()
     return None
@@ -103,31 +109,48 @@ def choose_spawner(requested: str) -> tuple[str, str]:
     return "local", UNSANDBOXED.format(why=missing)
 
 
-def run(*, port: int, spawner: str) -> int:
-    settings = get_settings()
-    data_dir = DATA_DIR.resolve()
-    broker, broker_note, redis_proc = choose_broker(settings.broker_url, data_dir)
-    spawner, sandbox_note = choose_spawner(spawner)
-    stack = Stack(
-        StackConfig(
-            data_dir=data_dir,
-            database_url=settings.database_url,
-            broker_url=broker,
-            public_port=port,
-            spawner=spawner,
-            # One queue per public port: two dev stacks on one Redis never take each other's work.
-            queue=f"{settings.queue}-{port}",
-            env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if spawner == "local" else {},
-        )
-    )
+# Loggers of the dev process itself whose INFO lines, printed before the banner, read as
+# errors to a newcomer: alembic names each plugin and migration step, httpx each request.
+CHATTY_LOGGERS = ("alembic", "httpx")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+
+def _stop_on_signals() -> dict[signal.Signals, Any]:
+    """Ctrl-C and SIGTERM both stop the stack cleanly. SIGINT is set explicitly: Python only
+    turns it into KeyboardInterrupt when it was not ignored at exec, and a shell starts
+    background jobs of a script with SIGINT ignored, so `kill -INT` would do nothing."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    # The readiness polls would bury the banner.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+
+
+def run(*, port: int, spawner: str, verbose: bool = False) -> int:
+    previous = _stop_on_signals()
+    settings = get_settings()
+    if not verbose and settings.log_level.upper() != "DEBUG":
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)  # their warnings still show
+    data_dir = DATA_DIR.resolve()
+    stack: Stack | None = None
+    redis_proc: subprocess.Popen[bytes] | None = None
     try:
+        broker, broker_note, redis_proc = choose_broker(settings.broker_url, data_dir)
+        spawner, sandbox_note = choose_spawner(spawner)
+        stack = Stack(
+            StackConfig(
+                data_dir=data_dir,
+                database_url=settings.database_url,
+                broker_url=broker,
+                public_port=port,
+                spawner=spawner,
+                # One queue per public port: two dev stacks on one Redis never take each
+                # other's work.
+                queue=f"{settings.queue}-{port}",
+                env={"HUBLAUNCH_ALLOW_UNSANDBOXED": "1"} if spawner == "local" else {},
+            )
+        )
         stack.start()
         print(f"hublaunch is running at {stack.public_url}/")
         print(f"  database: {masked(settings.database_url)}")
@@ -139,19 +162,28 @@ def run(*, port: int, spawner: str) -> int:
             f"  curl -si -X POST {stack.public_url}/api/launches "
             "-H 'Content-Type: application/json' -d '{\"image\": \"default\"}'"
         )
-        print("Ctrl-C stops everything.")
+        print("Ctrl-C stops everything.", flush=True)
         while True:
-            stack._check_alive()
+            stack.check_alive()
             time.sleep(1)
     except KeyboardInterrupt:
-        print("\nstopping...")
+        print("\nstopping...", flush=True)
         return 0
-    except RuntimeError as e:
-        print(f"hublaunch dev: {e}")
+    except (RuntimeError, TimeoutError) as e:
+        print(f"hublaunch dev: {e}", file=sys.stderr)
         return 1
     finally:
-        stack.stop()
+        # A second Ctrl-C must not cut the shutdown short and leave children running.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if stack is not None:
+            stack.stop()
         if redis_proc is not None:
             redis_proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 redis_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                redis_proc.kill()
+                redis_proc.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -19,7 +19,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,9 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     hub_token: str = field(default_factory=lambda: secrets.token_hex(32))
     proxy_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    # Where each child's output starts in its log: a log is appended to across runs, so a line
+    # of an earlier run must not pass for this run's.
+    log_starts: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -210,6 +213,7 @@ class Stack:
         path = self.logs / f"{name}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # a log from before the data directory was made private
+        self.log_starts[name] = os.fstat(fd).st_size
         log = os.fdopen(fd, "ab")
         self.procs[name] = subprocess.Popen(
             args,
@@ -238,43 +242,79 @@ class Stack:
         self._spawn(
             "worker", [*hublaunch, "worker", "--concurrency", str(self.config.worker_concurrency)]
         )
-        if self.config.beat:
-            self._spawn("beat", [*hublaunch, "beat"])
+        deadline = time.monotonic() + timeout
         try:
             self.wait_ready(timeout)
+            # Only now: a pass that is due (a schedule file from an earlier run) is sent the
+            # moment beat starts, and before the Hub answers it could only log that it cannot
+            # list the Hub's users.
+            if self.config.beat:
+                self._spawn("beat", [*hublaunch, "beat"])
+                # Logged just before it reads (or makes) its schedule and ticks.
+                self._wait_log("beat", b"beat: Starting...", deadline)
         except BaseException:
             self.stop()
             raise
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        urls = [f"{self.app_url}/api/openapi.json"]
-        if self.config.hub:
-            urls.append(f"{self.hub_api_url}/")
-        with httpx.Client(timeout=2) as http:
-            for url in urls:
-                while True:
-                    self._check_alive()
-                    with contextlib.suppress(httpx.HTTPError):
-                        if http.get(url).status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"{url} did not answer within {timeout} s; see {self.logs}"
-                        )
-                    time.sleep(0.1)
-        self._wait_worker(deadline)
+        """Return once the app, the Hub (through the proxy, with its routes) and the worker
+        answer.
 
-    def _wait_worker(self, deadline: float) -> None:
-        log = self.logs / "worker.log"
-        while b"ready." not in (log.read_bytes() if log.exists() else b""):
-            self._check_alive()
+        Nothing is asked before it can answer: the proxy logs each request it has no route for
+        as an error (``404 GET /hub/api/``), which a newcomer reads as a failure. So the Hub is
+        asked on its own port first, then the proxy for its routing table, and only then the
+        Hub through the proxy; a refused connection before a child listens logs nothing.
+        """
+        deadline = time.monotonic() + timeout
+
+        def poll(what: str, ready: Callable[[], bool]) -> None:
+            while True:
+                self.check_alive()
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    if ready():
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} did not answer within {timeout} s; see {self.logs}")
+                time.sleep(0.1)
+
+        with httpx.Client(timeout=2) as http:
+
+            def answers(url: str) -> bool:
+                return http.get(url).status_code == 200
+
+            poll("the app", lambda: answers(f"{self.app_url}/api/openapi.json"))
+            if self.config.hub:
+                poll("the Hub", lambda: answers(f"http://127.0.0.1:{self.hub_port}/hub/api/"))
+                poll("the proxy's routing table", lambda: self._routed(http))
+                poll("the Hub through the proxy", lambda: answers(f"{self.hub_api_url}/"))
+        self._wait_log("worker", b"ready.", deadline)
+
+    def _routed(self, http: httpx.Client) -> bool:
+        """Whether the proxy routes both the Hub's API and everything else (to the app)."""
+        response = http.get(
+            f"http://127.0.0.1:{self.proxy_api_port}/api/routes",
+            headers={"Authorization": f"token {self.proxy_token}"},
+        )
+        # The proxy keeps route specs without their trailing slash.
+        wanted = {"/", urlsplit(self.hub_api_url).path.rstrip("/")}
+        return response.status_code == 200 and wanted <= set(response.json())
+
+    def _wait_log(self, name: str, marker: bytes, deadline: float) -> None:
+        """Wait until this run of child ``name`` has logged ``marker``."""
+        log = self.logs / f"{name}.log"
+        while True:
+            self.check_alive()
+            with log.open("rb") as f:
+                f.seek(self.log_starts.get(name, 0))
+                if marker in f.read():
+                    return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the worker did not start; see {log}")
+                raise TimeoutError(f"{name} did not start; see {log}")
             time.sleep(0.1)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise RuntimeError naming the first child that has exited."""
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(
@@ -285,7 +325,7 @@ class Stack:
         """Stop one child, or all of them (the Hub last, so it can stop its servers)."""
         names = [name] if name else [n for n in ("beat", "api", "worker", "hub") if n in self.procs]
         for n in names:
-            proc = self.procs.pop(n)
+            proc = self.procs[n]
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -295,6 +335,8 @@ class Stack:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            # Forgotten only once gone: a stop that is interrupted leaves it for the next stop.
+            del self.procs[n]
 
     def restart(self, name: str) -> None:
         args = self.procs[name].args

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROXY  := node_modules/.bin/configurable-http-proxy
 
 .DEFAULT_GOAL := help
-.PHONY: help install sandbox-tools dev test test-unit test-integration lint fmt migrate bench compose-check clean
+.PHONY: help install sandbox-tools dev test test-unit test-integration lint fmt migrate bench mutation compose-check clean
 
 help: ## list the daily commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -62,5 +62,16 @@ compose-check: ## validate docker-compose.yml (placeholder secrets; nothing is s
 	POSTGRES_PASSWORD=x REDIS_PASSWORD=x HUBLAUNCH_HUB_API_TOKEN=x HUBLAUNCH_SECRET_KEY=x \
 	  CONFIGPROXY_AUTH_TOKEN=x DOCKER_GID=0 docker-compose config -q
 
+# mutmut lives in a venv of its own: it pulls in setproctitle, which makes Celery overwrite its
+# processes' environment, and the integration tests read that environment.
+MUTATION_VENV := .venv-mutation
+
+mutation: install ## mutation testing of the state machine, cleanup pass and intake (docs/mutation.md)
+	@test -x $(MUTATION_VENV)/bin/mutmut || { $(PYTHON) -m venv $(MUTATION_VENV) && \
+	  $(MUTATION_VENV)/bin/pip install --quiet -e '.[test]' mutmut==3.8.1; }
+	rm -rf mutants
+	$(MUTATION_VENV)/bin/mutmut run --max-children 2
+	$(MUTATION_VENV)/bin/mutmut results
+
 clean: ## remove the venv, node_modules and local state
-	rm -rf $(VENV) node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) $(MUTATION_VENV) mutants node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts

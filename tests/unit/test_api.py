@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.main import MAX_BODY_BYTES, create_app
+from api.routes.binder import cors_headers
 from tests.fakes import RecordingBroker
 from worker.broker import LAUNCH_TASK, Message
 from worker.db import session_scope
@@ -284,3 +285,29 @@ def test_cors_allows_only_the_configured_origin(
 def test_cors_wildcard_by_default(api: TestClient) -> None:
     response = api.get("/build/svn/x", headers={"Origin": "https://anywhere.example"})
     assert response.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize(
+    "configured", ["https://a.example", "https://b.example", "https://a.example, https://b.example"]
+)
+def test_cors_echoes_each_configured_origin_and_no_other(configured: str) -> None:
+    settings = Settings(cors_allow_origin=configured)
+    for origin in [o.strip() for o in configured.split(",")]:
+        assert cors_headers(settings, origin) == {
+            "Access-Control-Allow-Origin": origin,
+            "Vary": "Origin",
+        }
+    for stranger in ("https://evil.example", "https://a.example.evil", "null", "", None):
+        assert cors_headers(settings, stranger) == {"Vary": "Origin"}
+
+
+def test_cors_origin_comes_from_the_settings_the_app_was_given(
+    settings: Settings, broker: RecordingBroker
+) -> None:
+    for origin in ("https://a.example", "https://b.example"):
+        configured = settings.model_copy(update={"cors_allow_origin": origin})
+        with TestClient(create_app(configured, broker=broker)) as client:
+            mine = client.get("/build/svn/x", headers={"Origin": origin})
+            other = client.get("/build/svn/x", headers={"Origin": "https://c.example"})
+        assert mine.headers["access-control-allow-origin"] == origin
+        assert "access-control-allow-origin" not in other.headers

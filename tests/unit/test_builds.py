@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.fakes import FakeHub, RecordingBroker
 from tests.unit.conftest import Clock
@@ -276,3 +276,40 @@ def test_build_output_with_nul_bytes_is_stored_as_printable_text() -> None:
     from worker.transitions import printable
 
     assert printable("a\x00b") == "a\ufffdb"
+
+
+def test_a_build_whose_heartbeat_was_refreshed_meanwhile_is_not_claimed(
+    ctx: WorkerContext, builder: FakeBuilder, clock: Clock
+) -> None:
+    """A launch read a stale heartbeat, then the build's worker beat before the claim: the
+    claim's UPDATE re-checks the heartbeat in SQL, so the running build is not started twice."""
+    first = repo_launch(ctx)
+    name = advance(ctx, first).send_build
+    assert name is not None
+    clock.advance(builds.STALE_AFTER.total_seconds() + 1)
+    with ctx.units.begin() as looker:
+        build = looker.db.get(Build, name)
+        assert build is not None and build.status == "building"  # stale, as read here
+        with ctx.units.begin() as beat:  # the build's worker is alive after all
+            beat.db.execute(update(Build).where(Build.name == name).values(heartbeat_at=clock()))
+        assert not builds._claim(looker.db, build, clock())
+    with session_scope(ctx.settings.database_url) as db:
+        stored = db.get(Build, name)
+        assert stored is not None and stored.attempts == 1
+
+
+def test_a_stale_build_is_claimed_by_one_look_only(
+    ctx: WorkerContext, builder: FakeBuilder, clock: Clock
+) -> None:
+    name = advance(ctx, repo_launch(ctx)).send_build
+    assert name is not None
+    clock.advance(builds.STALE_AFTER.total_seconds() + 1)
+    with ctx.units.begin() as one, ctx.units.begin() as two:
+        mine, theirs = one.db.get(Build, name), two.db.get(Build, name)
+        assert mine is not None and theirs is not None
+        assert builds._claim(one.db, mine, clock())
+        one.db.commit()
+        assert not builds._claim(two.db, theirs, clock())
+    with session_scope(ctx.settings.database_url) as db:
+        stored = db.get(Build, name)
+        assert stored is not None and stored.attempts == 2

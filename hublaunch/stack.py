@@ -188,6 +188,10 @@ class Stack:
             }
         )
         env.update(c.env)
+        # The stack knows a child is up from its INFO lines ("ready.", "beat: Starting..."),
+        # so its children log at INFO at least; their logs are files, not the console.
+        if env.get("HUBLAUNCH_LOG_LEVEL", "INFO").upper() not in ("DEBUG", "INFO"):
+            env["HUBLAUNCH_LOG_LEVEL"] = "INFO"
         for name, readers in SECRET_VARIABLES.items():
             if child not in readers:
                 env.pop(name, None)

@@ -199,19 +199,18 @@ def _issue_token(ctx: WorkerContext, launch_id: str, name: str) -> Outcome:
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.status != Status.launching:
             return DONE
-        lifetime = launch.lifetime
     # The token opens this one user's server only and dies with the session.
     token = ctx.hub.create_token(
         name,
         scopes=[f"access:servers!user={name}"],
-        expires_in=lifetime + TOKEN_GRACE,
+        expires_in=launch.lifetime + TOKEN_GRACE,
         note=f"hublaunch session {launch_id}",
     )
     now = ctx.clock()
     with ctx.units.begin() as uow:
-        launch = get_launch(uow.db, launch_id)
-        if launch is None:
-            raise LaunchVanished(launch_id)
+        # The row as read before the Hub call, attached without reading it again: mark_ready's
+        # UPDATE is conditional on the stored state and re-reads the row after it.
+        launch = uow.db.merge(launch, load=False)
         ciphertext = ctx.cipher.encrypt(token.encode()).decode()
         if transitions.mark_ready(
             uow, launch, token_ciphertext=ciphertext, public_url=ctx.settings.public_url, now=now

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     # Fernet key for tokens at rest; when empty a key file is created under DATA_DIR (dev only).
     secret_key: SecretStr = SecretStr("")
     secret_key_file: Path = DATA_DIR / "secret.key"
+    # Operators: the bearer token of the admin API (/api/admin/...); the API is off when empty.
+    admin_token: SecretStr = SecretStr("")
+    # Log lines: one JSON object per line ("json"), or plain text ("text", what `hublaunch dev`
+    # prints); a line about a launch carries its id either way.
+    log_format: Literal["json", "text"] = "json"
     # Seconds one Hub request may take; transient failures are retried by the task with backoff.
     hub_request_timeout: float = Field(10.0, gt=0)
     # Cleanup: one pass every cull_interval s (beat). Ready sessions idle longer than

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from api.metrics import STREAMS
 from worker import queries
 from worker.crypto import reveal
 from worker.db import reading
@@ -81,6 +82,7 @@ async def event_stream(
     url = redis_url(settings)
     client = aioredis.Redis.from_url(url) if url else None
     pubsub = client.pubsub() if client else None
+    STREAMS.opened()
     try:
         if pubsub is not None:
             try:
@@ -103,6 +105,7 @@ async def event_stream(
                 last_sent = time.monotonic()
             await _wait(pubsub)
     finally:
+        STREAMS.closed()
         if pubsub is not None:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         if client is not None:

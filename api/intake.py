@@ -58,7 +58,14 @@ def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
         with units.begin() as uow:
             failed = get_launch(uow.db, launch.id)
             if failed is not None and not failed.is_terminal:
-                transitions.mark_failed(uow, failed, QUEUE_DOWN, now=utcnow(), user_removed=True)
+                transitions.mark_failed(
+                    uow,
+                    failed,
+                    QUEUE_DOWN,
+                    reason=transitions.FailReason.queue_unavailable,
+                    now=utcnow(),
+                    user_removed=True,
+                )
         raise Refused(503, QUEUE_DOWN) from e
     return launch
 

@@ -12,13 +12,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metrics import HublaunchCollector
 from api.pages import STATIC_DIR, not_found
-from api.routes import binder, health, launches, pages
+from api.routes import admin, binder, health, launches, metrics, pages
 from worker.broker import Broker, CeleryBroker
 from worker.hub_client import HubClient
+from worker.metrics import Recorder
 from worker.notify import redis_url
 from worker.settings import Settings, get_settings
 from worker.unit_of_work import Units
@@ -140,11 +143,29 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     )
     app.state.settings = settings
     # Writes commit, then send, through these; the doorbell is the worker's business.
-    app.state.units = Units(settings.database_url, broker or CeleryBroker(settings))
+    store = redis_url(settings)
+    # What this process counts goes to Redis after each commit; /metrics reads every process's
+    # counts back from there (clients connect on first use, not here).
+    app.state.units = Units(
+        settings.database_url,
+        broker or CeleryBroker(settings),
+        recorder=Recorder(store, settings.queue),
+    )
+    app.state.metrics = CollectorRegistry(auto_describe=False)
+    app.state.metrics.register(
+        HublaunchCollector(
+            settings,
+            redis.Redis.from_url(store, socket_timeout=2, socket_connect_timeout=2)
+            if store
+            else None,
+        )
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(launches.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(admin.router)
     app.include_router(binder.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -95,3 +95,48 @@ class Problem(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str]
+
+
+class AdminSession(BaseModel):
+    """A launch as operators see it: never its token, nor the server URL that carries one."""
+
+    id: str
+    status: Status
+    spec: dict[str, Any]
+    user: str | None = Field(description="The Hub user name, once chosen.")
+    created_at: datetime
+    ready_at: datetime | None
+    expires_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+    error: str | None
+
+
+class AdminSessionPage(BaseModel):
+    items: list[AdminSession]
+    next: str | None = Field(
+        description="The cursor of the next (older) page, for `before`; null on the last page."
+    )
+    next_url: str | None = Field(description="The next page's URL, with the same filters.")
+
+
+class AdminSpecCount(BaseModel):
+    spec: str = Field(description='The image, or "<repo URL>@<ref>"; "other" for the rest.')
+    count: int
+
+
+class AdminSummary(BaseModel):
+    now: datetime
+    window: int = Field(description="Seconds the figures below cover, up to `now`.")
+    active: int = Field(description="Sessions ready now.")
+    active_by_spec: list[AdminSpecCount] = Field(
+        description='Ready sessions by spec: the 20 most frequent, then "other".'
+    )
+    launches: int = Field(description="Launches created in the window.")
+    launches_per_minute: float
+    finished: int = Field(description="Launches that failed or ended in the window.")
+    failed: int
+    failure_rate: float | None = Field(description="failed / finished; null when none finished.")
+    ready: int = Field(description="Launches that became ready in the window (at most 10,000).")
+    time_to_ready_p50: float | None = Field(description="Seconds from created to ready.")
+    time_to_ready_p95: float | None

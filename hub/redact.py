@@ -50,20 +50,67 @@ class RedactTokens(logging.Filter):
     """Rewrite tokens in the record (its message, arguments and traceback); never drops one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
+        secret_slots: set[int | str] = set()
+        if isinstance(record.msg, str) and record.args:
+            secret_slots = _secret_slots(record.msg)
+            record.msg = _redact_format(record.msg)
+        elif isinstance(record.msg, str):
             record.msg = redact(record.msg)
         elif record.msg is not None and not isinstance(record.msg, int | float):
             record.msg = _redact_arg(record.msg)
         if isinstance(record.args, Mapping):
-            record.args = {key: _redact_arg(value) for key, value in record.args.items()}
+            record.args = {
+                key: MASK if key in secret_slots else _redact_arg(value)
+                for key, value in record.args.items()
+            }
         elif isinstance(record.args, tuple):
-            record.args = tuple(_redact_arg(arg) for arg in record.args)
+            record.args = tuple(
+                MASK if index in secret_slots else _redact_arg(arg)
+                for index, arg in enumerate(record.args)
+            )
         if record.exc_info and not record.exc_text:
             # Formatters reuse exc_text when it is set, so the traceback is redacted once here.
             record.exc_text = redact(_formatter.formatException(record.exc_info))
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         return True
+
+
+# A %-style placeholder of a format string (``%s``, ``%(name)s``, ``%5.1f``, ``%%``).
+PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]")
+
+
+# What, right before a placeholder, says the argument is a token ("?token=%s").
+TOKEN_PREFIX = re.compile(r"(?i)(?:token=|token%3D|\b(?:token|bearer)\s+|\"token\"\s*:\s*\")$")
+
+
+def _secret_slots(text: str) -> set[int | str]:
+    """The arguments (by position, or by name for ``%(name)s``) that a format string puts right
+    after a token prefix: the whole argument is the token, with nothing in it to recognise."""
+    slots: set[int | str] = set()
+    position, last = 0, 0
+    for match in PLACEHOLDER.finditer(text):
+        if match.group() == "%%":
+            continue
+        name = re.match(r"%\(([^)]*)\)", match.group())
+        if TOKEN_PREFIX.search(text[last : match.start()]):
+            slots.add(name.group(1) if name else position)
+        position += 1
+        last = match.end()
+    return slots
+
+
+def _redact_format(text: str) -> str:
+    """Redact a format string between its placeholders, never the placeholders: ``token=%s``
+    rewritten to ``token=[secret]`` would no longer fit its arguments, and logging's report of
+    that error prints the arguments (the token among them) to stderr. The arguments are
+    redacted on their own."""
+    parts, last = [], 0
+    for match in PLACEHOLDER.finditer(text):
+        parts += [redact(text[last : match.start()]), match.group()]
+        last = match.end()
+    parts.append(redact(text[last:]))
+    return "".join(parts)
 
 
 _filter = RedactTokens()

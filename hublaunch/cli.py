@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
+from worker.logs import JsonFormatter, configure
 from worker.settings import Settings, get_settings
 
 
@@ -24,8 +27,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
     return {
         "log_level": settings.log_level.lower(),
-        # The access log prints /user/<gone>/?token=… (the app is the proxy's default route).
-        "log_config": uvicorn_log_config(),
+        # The access log prints /user/<gone>/?token=… (the app is the proxy's default route);
+        # in JSON mode its lines are JSON lines like the app's.
+        "log_config": uvicorn_log_config(settings.log_format, process="api"),
         # X-Forwarded-For/-Proto (the visitor's address and scheme) only from the proxy's
         # addresses; from anyone else they are ignored. Generated URLs use public_url anyway.
         "proxy_headers": True,
@@ -50,8 +54,14 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     settings = get_settings()
+    if settings.log_format == "json":
+        import celery.apps.worker
+
+        # What Celery prints from its signal handlers ("worker: Warm shutdown"), as JSON lines.
+        celery.apps.worker.safe_say = _say_as_json
     # Tasks wait on the Hub, not the CPU: threads keep many launches in flight cheaply.
     argv = [
+        *_quiet(settings),
         "worker",
         "--pool",
         args.pool,
@@ -74,8 +84,30 @@ def _beat(_args: argparse.Namespace) -> int:
     settings = get_settings()
     schedule = settings.beat_schedule_file
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    app.start(argv=["beat", "--loglevel", settings.log_level, "--schedule", str(schedule)])
+    app.start(
+        argv=[
+            *_quiet(settings),
+            "beat",
+            "--loglevel",
+            settings.log_level,
+            "--schedule",
+            str(schedule),
+        ]
+    )
     return 0
+
+
+def _say_as_json(message: str, f: Any = sys.__stderr__) -> None:
+    """Celery's ``safe_say`` in JSON: one write, no logging lock (it runs in signal handlers)."""
+    record = logging.LogRecord("celery.apps.worker", logging.INFO, __file__, 0, message, None, None)
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        os.write(f.fileno(), f"{JsonFormatter('worker').format(record)}\n".encode())
+
+
+def _quiet(settings: Settings) -> list[str]:
+    """Celery prints a banner (its configuration, the task list) straight to stdout; a log of
+    JSON lines holds JSON lines only, so it is left out then."""
+    return ["--quiet"] if settings.log_format == "json" else []
 
 
 def _cull(args: argparse.Namespace) -> int:
@@ -136,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     dev.set_defaults(func=_dev)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    settings = get_settings()
+    # One JSON line per event (HUBLAUNCH_LOG_FORMAT=text for plain lines). `hublaunch dev`
+    # prints to a person: text, whatever the setting; its children's logs follow the setting.
+    configure(
+        level=settings.log_level,
+        log_format="text" if args.command == "dev" else settings.log_format,
+        process=args.command,
     )
     from api.logs import install_everywhere
 

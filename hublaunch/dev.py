@@ -155,7 +155,8 @@ def run(*, port: int, spawner: str, verbose: bool = False) -> int:
         print(f"hublaunch is running at {stack.public_url}/")
         print(f"  database: {masked(settings.database_url)}")
         print(f"  broker:   {broker_note}")
-        print(f"  logs:     {stack.logs}/")
+        lines = "JSON lines" if settings.log_format == "json" else "text"
+        print(f"  logs:     {stack.logs}/ ({lines}; HUBLAUNCH_LOG_FORMAT=json|text)")
         print(f"  sessions: {sandbox_note}")
         print("Launch a session:")
         print(

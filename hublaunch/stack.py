@@ -42,6 +42,8 @@ SECRET_VARIABLES: dict[str, frozenset[str]] = {
     "HUBLAUNCH_HUB_API_TOKEN": frozenset({"hub", "worker"}),
     # Between the Hub and the proxy it starts; nothing of hublaunch's talks to the proxy's API.
     "CONFIGPROXY_AUTH_TOKEN": frozenset({"hub"}),
+    # The operators' token: only the app checks it (admin API, /metrics).
+    "HUBLAUNCH_ADMIN_TOKEN": frozenset({"api"}),
     # The Hub's own database, when it is not the SQLite file in its data folder.
     "HUBLAUNCH_HUB_DB_URL": frozenset({"hub"}),
     # hublaunch's database: the API and the worker read and write launches; beat never connects.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from worker import transitions
 from worker.broker import launch_message
 from worker.builders import Builder, BuildFailed
 from worker.db import as_utc, bulk_update, rowcount
+from worker.metrics import observation
 from worker.models import Build, BuildStatus, Launch, Phase, Status
 from worker.periodic import every
 from worker.queries import has_event
@@ -175,6 +177,7 @@ def run_build(
             return []
         repo, commit = build.repo, build.commit
     relay = _LogRelay(units, name, clock)
+    started = time.monotonic()
     try:
         with (
             every(HEARTBEAT_SECONDS, lambda: _heartbeat(units, name, clock)),
@@ -186,11 +189,11 @@ def run_build(
                 relay.flush()
     except BuildFailed as e:
         log.warning("build %s failed: %s", name, e.message)
-        _finish_failed(units, name, f"{e.message}\n{e.tail}".strip(), clock)
+        _finish_failed(units, name, f"{e.message}\n{e.tail}".strip(), clock, started)
         return []
     except Exception:
         log.exception("build %s: unexpected error", name)
-        _finish_failed(units, name, "internal error while building", clock)
+        _finish_failed(units, name, "internal error while building", clock, started)
         return []
     now = clock()
     with units.begin() as uow:
@@ -209,6 +212,7 @@ def run_build(
         for launch in waiting:
             transitions.note(uow, launch, Phase.built, "Built the environment", now=now)
             uow.send(launch_message(launch.id))
+        _count_build(uow, "built", started)
     return [launch.id for launch in waiting]
 
 
@@ -218,7 +222,15 @@ def _waiting_launches(name: str) -> Any:
     )
 
 
-def _finish_failed(units: Units, name: str, tail: str, clock: Callable[[], datetime]) -> None:
+def _count_build(uow: UnitOfWork, result: str, started: float) -> None:
+    uow.observe(observation("hublaunch_builds", result=result))
+    seconds = time.monotonic() - started
+    uow.observe(observation("hublaunch_build_seconds", seconds, result=result))
+
+
+def _finish_failed(
+    units: Units, name: str, tail: str, clock: Callable[[], datetime], started: float
+) -> None:
     now = clock()
     tail = printable("\n".join(tail.splitlines()[-40:]))
     with units.begin() as uow:
@@ -228,9 +240,17 @@ def _finish_failed(units: Units, name: str, tail: str, clock: Callable[[], datet
             .values(status=BuildStatus.failed, log_tail=tail, finished_at=now)
         )
         message = failure_message(uow.db.get(Build, name))
+        _count_build(uow, "failed", started)
         for launch in uow.db.scalars(_waiting_launches(name)):
             # Nothing exists on the Hub yet: builds come before the Hub user.
-            transitions.mark_failed(uow, launch, message, now=now, user_removed=True)
+            transitions.mark_failed(
+                uow,
+                launch,
+                message,
+                reason=transitions.FailReason.build_failed,
+                now=now,
+                user_removed=True,
+            )
 
 
 def evict(units: Units, builder: Builder, budget: int, clock: Callable[[], datetime]) -> list[str]:

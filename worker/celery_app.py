@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import logging
+from contextlib import ExitStack, suppress
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
-from worker.broker import BUILD_TASK, CULL_TASK
+from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, TEARDOWN_TASK
 from worker.db import dispose_all
+from worker.logs import bind_build, bind_launch, configure, configured
 from worker.settings import Settings, get_settings
 
 
@@ -69,6 +73,66 @@ def create_celery(settings: Settings | None = None) -> Celery:
 def _fresh_connections(**_: Any) -> None:
     # A forked child must not share its parent's database connections.
     dispose_all()
+
+
+# -- log lines: Celery's own (received, succeeded, retry) carry the task's launch id too --------
+
+# Tasks whose first argument is a launch id, or an environment's name.
+LAUNCH_ARGUMENT_TASKS = frozenset({LAUNCH_TASK, TEARDOWN_TASK})
+_bound: dict[str, ExitStack] = {}  # task id -> what its prerun bound (threads: one per task)
+
+
+def _first_argument(args: Any) -> str | None:
+    return args[0] if isinstance(args, list | tuple) and args and isinstance(args[0], str) else None
+
+
+@task_prerun.connect
+def _bind_task(task_id: str = "", task: Any = None, args: Any = None, **_: Any) -> None:
+    argument, name = _first_argument(args), getattr(task, "name", None)
+    if argument is None or name not in LAUNCH_ARGUMENT_TASKS | {BUILD_TASK}:
+        return
+    stack = ExitStack()
+    stack.enter_context(bind_launch(argument) if name != BUILD_TASK else bind_build(argument))
+    _bound[task_id] = stack
+
+
+@task_postrun.connect
+def _unbind_task(task_id: str = "", **_: Any) -> None:
+    stack = _bound.pop(task_id, None)
+    if stack is not None:
+        stack.close()
+
+
+class ReceivedLaunch(logging.Filter):
+    """ "Task hublaunch.launch[…] received" is logged by the consumer before any task code runs;
+    the launch id is taken from the message's arguments that Celery passes with the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        if isinstance(data, dict) and getattr(record, "launch_id", None) is None:
+            argument = None
+            with suppress(ValueError, SyntaxError):
+                argument = _first_argument(ast.literal_eval(str(data.get("args"))))
+            if argument is not None and data.get("name") in LAUNCH_ARGUMENT_TASKS:
+                record.launch_id = argument
+            elif argument is not None and data.get("name") == BUILD_TASK:
+                record.env = argument
+        return True
+
+
+logging.getLogger("celery.worker.strategy").addFilter(ReceivedLaunch())
+
+
+@setup_logging.connect
+def _keep_our_logging(loglevel: Any = None, **_: Any) -> None:
+    """Celery leaves logging alone (a receiver of this signal means "configured"): ``hublaunch
+    worker`` and ``beat`` set it up before Celery starts; ``celery -A worker.celery_app …``
+    gets the same JSON (or text) lines here."""
+    if not configured():
+        settings = get_settings()
+        configure(
+            level=loglevel or settings.log_level, log_format=settings.log_format, process="celery"
+        )
 
 
 app = create_celery()

@@ -16,8 +16,9 @@ from worker.builders import Builder, make_builder
 from worker.crypto import cipher
 from worker.db import as_utc, utcnow
 from worker.hub_client import HubClient
+from worker.metrics import Recorder
 from worker.models import Launch
-from worker.notify import Notifier
+from worker.notify import Notifier, redis_url
 from worker.repos import RepoSpec
 from worker.settings import Settings, get_settings
 from worker.unit_of_work import Units
@@ -50,16 +51,25 @@ class WorkerContext:
 
 
 def build_context(settings: Settings) -> WorkerContext:
+    # Hub requests are counted as they happen and added to Redis with the next commit.
+    recorder = Recorder(redis_url(settings), settings.queue)
     hub = HubClient(
         settings.hub_api_url,
         settings.hub_api_token.get_secret_value(),
         timeout=settings.hub_request_timeout,
+        observe=recorder.add,
+    )
+    units = Units(
+        settings.database_url,
+        CeleryBroker(settings),
+        Notifier(settings).publish,
+        recorder=recorder,
     )
     return WorkerContext(
         settings=settings,
         hub=hub,
         cipher=cipher(settings),
-        units=Units(settings.database_url, CeleryBroker(settings), Notifier(settings).publish),
+        units=units,
         builder=make_builder(settings),
     )
 

@@ -27,6 +27,8 @@ from worker.context import WorkerContext
 from worker.db import as_utc, bulk_update
 from worker.hub_client import HubError, HubUser
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
+from worker.logs import bind_launch
+from worker.metrics import observation
 from worker.models import EndReason, Launch, Status
 from worker.outcome import DONE
 from worker.teardown import teardown
@@ -112,11 +114,12 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
         removals = pool.map(lambda c: _remove_launch_user(ctx, c[0], c[1], c[2], listed), claimed)
         deletions = pool.map(lambda name: _remove_orphan(ctx, name, listed.get(name)), orphans)
         actions += list(removals) + list(deletions)
-    _release([launch_id for _, _, launch_id in claimed], ctx.units)
+    _release([launch_id for _, _, launch_id in claimed], actions, ctx.units)
     for action in actions:
-        log.info(
-            "cull: %s %s %s: %s", action.category, action.user, action.launch_id, action.result
-        )
+        with bind_launch(action.launch_id, action.user):
+            log.info(
+                "cull: %s %s %s: %s", action.category, action.user, action.launch_id, action.result
+            )
     return actions
 
 
@@ -329,6 +332,17 @@ def _remove_launch_user(
     launch_id: str,
     listed: dict[str, HubUser],
 ) -> Action:
+    with bind_launch(launch_id, user):  # a thread of the pool: nothing is bound in it yet
+        return _remove_bound_launch_user(ctx, category, user, launch_id, listed)
+
+
+def _remove_bound_launch_user(
+    ctx: WorkerContext,
+    category: str,
+    user: str | None,
+    launch_id: str,
+    listed: dict[str, HubUser],
+) -> Action:
     try:
         outcome = teardown(ctx, launch_id, known=listed.get(user or ""))
     except Exception as e:  # isolate: one broken user never stops the pass
@@ -340,6 +354,11 @@ def _remove_launch_user(
 
 
 def _remove_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Action:
+    with bind_launch(None, name):
+        return _remove_bound_orphan(ctx, name, known)
+
+
+def _remove_bound_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Action:
     try:
         removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS, known=known)
     except Exception as e:
@@ -348,10 +367,19 @@ def _remove_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Acti
     return Action("orphan", name, None, "deleted" if removed else "stopping; next pass")
 
 
-def _release(launch_ids: Sequence[str], units: Units) -> None:
+def _release(launch_ids: Sequence[str], actions: Sequence[Action], units: Units) -> None:
+    """Free the pass's rows, and count what it did (with this last commit of the pass)."""
     with units.begin() as uow:
         for ids in _chunks(launch_ids):
             uow.db.execute(bulk_update(Launch).where(Launch.id.in_(ids)).values(lease_until=None))
+        uow.observe(observation("hublaunch_cleanup_passes"))
+        for action in actions:
+            # "error: <exception class>" keeps the label set small: no message text in it.
+            uow.observe(
+                observation(
+                    "hublaunch_cleanup_actions", category=action.category, result=action.result
+                )
+            )
 
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:

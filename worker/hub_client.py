@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import httpx
 
+from worker.metrics import Observation, observation
+
 log = logging.getLogger(__name__)
 
 PAGINATION_MEDIA_TYPE = "application/jupyterhub-pagination+json"
@@ -163,7 +165,10 @@ class HubClient:
         *,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        observe: Callable[[list[Observation]], None] | None = None,
     ) -> None:
+        # Each request's endpoint family, status code and latency go here (the worker's metrics).
+        self._observe = observe
         self._http = httpx.Client(
             base_url=api_url.rstrip("/") + "/",
             # No token: only what the Hub answers anyone (the API's health check).
@@ -176,12 +181,29 @@ class HubClient:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        started = time.perf_counter()
+        code = "error"
         try:
             response = self._http.request(method, path, **kwargs)
+            code = str(response.status_code)
         except httpx.TimeoutException as e:
+            code = "timeout"
             raise HubUnavailable(f"Hub timed out on {method} /{_path_only(path)}") from e
         except httpx.TransportError as e:
             raise HubUnavailable(f"Hub unreachable: {type(e).__name__}") from e
+        finally:
+            if self._observe is not None:
+                family = endpoint_family(method, path)
+                self._observe(
+                    [
+                        observation("hublaunch_hub_requests", family=family, code=code),
+                        observation(
+                            "hublaunch_hub_request_seconds",
+                            time.perf_counter() - started,
+                            family=family,
+                        ),
+                    ]
+                )
         raise_for_status(response)
         return response
 
@@ -347,6 +369,17 @@ class HubClient:
     def answers(self) -> None:
         """Raise HubError unless the Hub API answers (``GET /hub/api/``, open to anyone)."""
         self._request("GET", "")
+
+
+def endpoint_family(method: str, path: str) -> str:
+    """A request's endpoint as the metrics name it: the method and the path's shape, never a
+    user name (``POST users/{name}/tokens`` -> ``POST /users/:name/tokens``)."""
+    parts = _path_only(path).strip("/").split("/")
+    if parts[0] == "users" and len(parts) > 1:
+        parts[1] = ":name"
+        if len(parts) > 3 and parts[2] == "servers":
+            parts[3] = ":server"
+    return f"{method} /{'/'.join(parts[:5])}"
 
 
 def _path_only(path: str) -> str:

@@ -11,6 +11,7 @@ is open while the Hub or the repository host is called.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from worker import builds, transitions
@@ -18,11 +19,13 @@ from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
 from worker.hub_client import HubRequestError, HubUnavailable
+from worker.logs import bind_user
 from worker.models import Build, Phase, Status
 from worker.outcome import DONE, Outcome, backoff, handoff
 from worker.queries import get_launch, last_problem
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.teardown import teardown
+from worker.transitions import FailReason
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
     try:
         return _advance(ctx, launch_id)
     except LaunchTimedOut:
-        return _fail(ctx, launch_id, _timed_out(ctx, launch_id))
+        return _fail(ctx, launch_id, _timed_out(ctx, launch_id), FailReason.timeout)
     except HubUnavailable as e:
         with ctx.units.begin() as uow:
             launch = get_launch(uow.db, launch_id)
@@ -67,14 +70,16 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
                     now=ctx.clock(),
                 )
                 return Outcome(retry_in=delay)
-        return _fail(ctx, launch_id, transitions.timeout_message(_timeout(ctx), e.message))
+        message = transitions.timeout_message(_timeout(ctx), e.message)
+        return _fail(ctx, launch_id, message, FailReason.timeout)
     except HubRequestError as e:
         log.warning("launch %s failed: %s", launch_id, e.message)
-        return _fail(ctx, launch_id, _user_message(e))
+        return _fail(ctx, launch_id, _user_message(e), FailReason.hub_refused)
     except BuildRefused as e:
-        return _fail(ctx, launch_id, str(e))
+        return _fail(ctx, launch_id, str(e), FailReason.build_failed)
     except (ResolveError, SpecError) as e:
-        return _fail(ctx, launch_id, f"The repository could not be resolved: {e}")
+        message = f"The repository could not be resolved: {e}"
+        return _fail(ctx, launch_id, message, FailReason.unresolvable)
     except LaunchVanished:
         log.warning("launch %s: its row is gone; nothing to do", launch_id)
         return DONE
@@ -85,7 +90,8 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
         return Outcome(retry_in=backoff(attempt))
     except Exception:
         log.exception("launch %s: unexpected error", launch_id)
-        return _fail(ctx, launch_id, "The launch failed because of an internal error; try again.")
+        message = "The launch failed because of an internal error; try again."
+        return _fail(ctx, launch_id, message, FailReason.internal_error)
 
 
 def _timeout(ctx: WorkerContext) -> int:
@@ -133,6 +139,8 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         deadline = ctx.deadline(launch)
         uow.notify(launch_id)
 
+    bind_user(name)  # the rest of this launch's lines name its Hub user
+    spawn_started = time.monotonic()
     ctx.hub.create_user(name)
     ready = ctx.hub.start_server(name, {"image": image})
     if not ready:
@@ -140,7 +148,7 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         ctx.hub.wait_ready(
             name, timeout=max(remaining, 0.1), on_progress=lambda m: _progress(ctx, launch_id, m)
         )
-    return _issue_token(ctx, launch_id, name)
+    return _issue_token(ctx, launch_id, name, time.monotonic() - spawn_started)
 
 
 def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
@@ -194,7 +202,7 @@ def _progress(ctx: WorkerContext, launch_id: str, message: str) -> None:
             transitions.note(uow, launch, Phase.launching, message, now=ctx.clock(), progress=True)
 
 
-def _issue_token(ctx: WorkerContext, launch_id: str, name: str) -> Outcome:
+def _issue_token(ctx: WorkerContext, launch_id: str, name: str, spawn_seconds: float) -> Outcome:
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.status != Status.launching:
@@ -213,7 +221,12 @@ def _issue_token(ctx: WorkerContext, launch_id: str, name: str) -> Outcome:
         launch = uow.db.merge(launch, load=False)
         ciphertext = ctx.cipher.encrypt(token.encode()).decode()
         if transitions.mark_ready(
-            uow, launch, token_ciphertext=ciphertext, public_url=ctx.settings.public_url, now=now
+            uow,
+            launch,
+            token_ciphertext=ciphertext,
+            public_url=ctx.settings.public_url,
+            now=now,
+            spawn_seconds=spawn_seconds,
         ):
             log.info("launch %s ready as %s", launch_id, name)
             return DONE
@@ -225,12 +238,12 @@ def _issue_token(ctx: WorkerContext, launch_id: str, name: str) -> Outcome:
     return handoff(teardown(ctx, launch_id))
 
 
-def _fail(ctx: WorkerContext, launch_id: str, message: str) -> Outcome:
+def _fail(ctx: WorkerContext, launch_id: str, message: str, reason: FailReason) -> Outcome:
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.is_terminal:
             return DONE
-        transitions.mark_failed(uow, launch, message, now=ctx.clock())
+        transitions.mark_failed(uow, launch, message, reason=reason, now=ctx.clock())
     return handoff(teardown(ctx, launch_id))
 
 

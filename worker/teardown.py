@@ -8,6 +8,7 @@ from worker import transitions
 from worker.context import WorkerContext
 from worker.hub_client import HubUnavailable, HubUser
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
+from worker.logs import bind_user
 from worker.outcome import DONE, Outcome, backoff
 from worker.queries import get_launch
 
@@ -28,6 +29,7 @@ def teardown(
         if launch is None or launch.user_removed_at is not None:
             return DONE
         name = launch.hub_user
+    bind_user(name)
     try:
         removed = name is None or remove_hub_user(
             ctx.hub,

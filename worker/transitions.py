@@ -18,16 +18,19 @@ with ``mark_user_removed``.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import ColumnElement, and_
 from sqlalchemy.orm import Session
 
 from worker.broker import launch_message
-from worker.db import bulk_update, rowcount
+from worker.db import as_utc, bulk_update, rowcount
+from worker.metrics import observation
 from worker.models import TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
 from worker.unit_of_work import UnitOfWork
 
@@ -43,6 +46,53 @@ ALLOWED: dict[Status, frozenset[Status]] = {
 }
 
 ENDED_BEFORE_READY = "The launch was ended before it was ready."
+
+
+class FailReason(enum.StrEnum):
+    """Why a launch failed, for the metrics (the visitor reads the message)."""
+
+    hub_refused = "hub_refused"
+    timeout = "timeout"
+    build_failed = "build_failed"
+    unresolvable = "unresolvable"
+    queue_unavailable = "queue_unavailable"
+    internal_error = "internal_error"
+
+
+# Repository hosts named in the metrics; any other is "git", so a visitor cannot add series.
+KNOWN_HOSTS = frozenset({"github.com", "gitlab.com", "bitbucket.org", "codeberg.org"})
+
+
+def provider(spec: dict[str, Any]) -> str:
+    """The metrics' name for where a launch's environment comes from."""
+    if "image" in spec:
+        return "image"
+    host = urlsplit(str(spec.get("repo", ""))).hostname or ""
+    return host if host in KNOWN_HOSTS else "git"
+
+
+def _seconds(since: datetime, now: datetime) -> float:
+    return max((as_utc(now) - as_utc(since)).total_seconds(), 0.0)
+
+
+def _finished(uow: UnitOfWork, launch: Launch, outcome: str, reason: str) -> None:
+    spec_provider = provider(launch.spec)
+    uow.observe(
+        observation(
+            "hublaunch_launches_finished", provider=spec_provider, outcome=outcome, reason=reason
+        )
+    )
+
+
+def _picked_up(uow: UnitOfWork, launch: Launch, now: datetime) -> None:
+    """A worker took the launch's first step: the end of its wait in the queue."""
+    uow.observe(
+        observation(
+            "hublaunch_launch_queue_seconds",
+            _seconds(launch.created_at, now),
+            provider=provider(launch.spec),
+        )
+    )
 
 
 class IllegalTransition(Exception):
@@ -154,12 +204,14 @@ def create(
     uow.db.flush()
     _event(uow.db, launch.id, Phase.waiting, f"Launch of {describe_spec(spec)} queued", now=now)
     uow.db.flush()
+    uow.observe(observation("hublaunch_launches_created", provider=provider(spec)))
     return launch
 
 
 def mark_building(uow: UnitOfWork, launch: Launch, *, deadline: datetime, now: datetime) -> None:
     """``queued`` -> ``building``: a repository launch starts resolving and building."""
     _move(launch, Status.building, now)
+    _picked_up(uow, launch, now)
     launch.deadline_at = deadline
     note(uow, launch, Phase.fetching, f"Resolving {describe_spec(launch.spec)}", now=now)
 
@@ -181,6 +233,7 @@ def mark_launching(
     """-> ``launching``, choosing the Hub user name once: the UPDATE is conditional on there
     being none yet, so a concurrent duplicate run cannot pick a second one. Returns the name."""
     if launch.hub_user is None:
+        was_queued = launch.status == Status.queued
         chosen = rowcount(
             uow.db,
             bulk_update(Launch)
@@ -198,6 +251,8 @@ def mark_launching(
         )
         uow.db.refresh(launch)
         if chosen:
+            if was_queued:
+                _picked_up(uow, launch, now)
             if "image" in launch.spec:
                 note(uow, launch, Phase.built, f"Using {describe_spec(launch.spec)}", now=now)
             note(uow, launch, Phase.launching, "Launching server...", now=now)
@@ -213,6 +268,7 @@ def mark_ready(
     token_ciphertext: str,
     public_url: str,
     now: datetime,
+    spawn_seconds: float | None = None,
 ) -> bool:
     """``launching`` -> ``ready``, unless someone asked to end the launch meanwhile (the owner
     or a cleanup pass): the UPDATE is conditional on both, so exactly one side wins."""
@@ -236,15 +292,32 @@ def mark_ready(
     if became_ready:
         url = launch.server_url(public_url)
         note(uow, launch, Phase.ready, "Server ready", data={"url": url}, now=now)
+        _finished(uow, launch, "ready", "")
+        spec_provider = provider(launch.spec)
+        ready_seconds = _seconds(launch.created_at, now)
+        uow.observe(
+            observation("hublaunch_launch_ready_seconds", ready_seconds, provider=spec_provider)
+        )
+        if spawn_seconds is not None:
+            uow.observe(
+                observation("hublaunch_launch_spawn_seconds", spawn_seconds, provider=spec_provider)
+            )
     return bool(became_ready)
 
 
 def mark_failed(
-    uow: UnitOfWork, launch: Launch, message: str, *, now: datetime, user_removed: bool = False
+    uow: UnitOfWork,
+    launch: Launch,
+    message: str,
+    *,
+    reason: FailReason,
+    now: datetime,
+    user_removed: bool = False,
 ) -> None:
     """A starting launch -> ``failed``. ``user_removed`` when no Hub user can exist (nothing was
     started), so no cleanup is owed."""
     _move(launch, Status.failed, now)
+    _finished(uow, launch, "failed", reason)
     launch.error = message
     launch.end_reason = EndReason.failed
     launch.ended_at = now
@@ -259,8 +332,13 @@ def mark_ended(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None:
     owner asked). Watchers of a launch that never became ready are told it will not."""
     if launch.status in STARTING:
         note(uow, launch, Phase.failed, ENDED_BEFORE_READY, now=now)
+    was_ready = launch.status == Status.ready
     _move(launch, Status.ended, now)
     launch.end_reason = launch.end_reason or EndReason.requested
+    if was_ready:
+        uow.observe(observation("hublaunch_sessions_ended", reason=launch.end_reason))
+    else:
+        _finished(uow, launch, "ended", launch.end_reason)
     launch.ended_at = now
     launch.token_ciphertext = None
     uow.notify(launch.id)
@@ -302,11 +380,17 @@ def mark_user_removed(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None
 Claimed = list[tuple[str, str | None]]  # (launch id, Hub user)
 
 
-def _claim(uow: UnitOfWork, where: ColumnElement[bool], values: dict[str, Any]) -> Claimed:
+def _claim(
+    uow: UnitOfWork, where: ColumnElement[bool], values: dict[str, Any]
+) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(launch id, Hub user, spec) of the rows updated."""
     rows = uow.db.execute(
-        bulk_update(Launch).where(where).values(**values).returning(Launch.id, Launch.hub_user)
+        bulk_update(Launch)
+        .where(where)
+        .values(**values)
+        .returning(Launch.id, Launch.hub_user, Launch.spec)
     )
-    return [(r.id, r.hub_user) for r in rows]
+    return [(r.id, r.hub_user, r.spec) for r in rows]
 
 
 def fail_stuck(
@@ -326,10 +410,18 @@ def fail_stuck(
             "lease_until": lease,
         },
     )
-    for launch_id, _user in claimed:
+    for launch_id, _user, spec in claimed:
         _event(uow.db, launch_id, Phase.failed, message, now=now)
         uow.notify(launch_id)
-    return claimed
+        uow.observe(
+            observation(
+                "hublaunch_launches_finished",
+                provider=provider(spec),
+                outcome="failed",
+                reason=FailReason.timeout,
+            )
+        )
+    return [(launch_id, user) for launch_id, user, _spec in claimed]
 
 
 def request_ends(
@@ -341,11 +433,12 @@ def request_ends(
     now: datetime,
 ) -> Claimed:
     """Ready sessions matching ``where`` are to end, and why (their teardown ends them)."""
-    return _claim(
+    claimed = _claim(
         uow,
         and_(where, Launch.status == Status.ready, Launch.end_requested_at.is_(None)),
         {"end_requested_at": now, "end_reason": reason, "updated_at": now, "lease_until": lease},
     )
+    return [(launch_id, user) for launch_id, user, _spec in claimed]
 
 
 def end_gone(uow: UnitOfWork, launch_ids: Sequence[str], *, now: datetime) -> Claimed:
@@ -366,15 +459,16 @@ def end_gone(uow: UnitOfWork, launch_ids: Sequence[str], *, now: datetime) -> Cl
             "token_ciphertext": None,
         },
     )
-    for launch_id, _user in claimed:
+    for launch_id, _user, _spec in claimed:
         uow.notify(launch_id)
-    return claimed
+        uow.observe(observation("hublaunch_sessions_ended", reason=EndReason.gone))
+    return [(launch_id, user) for launch_id, user, _spec in claimed]
 
 
 def resend_quiet(uow: UnitOfWork, where: ColumnElement[bool], *, now: datetime) -> Claimed:
     """Starting launches matching ``where`` made no progress: send each again (every step is
     idempotent), and reset their clock so the next pass does not send them again at once."""
     claimed = _claim(uow, and_(where, Launch.status.in_(STARTING)), {"updated_at": now})
-    for launch_id, _user in claimed:
+    for launch_id, _user, _spec in claimed:
         uow.send(launch_message(launch_id))
-    return claimed
+    return [(launch_id, user) for launch_id, user, _spec in claimed]

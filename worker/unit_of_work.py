@@ -1,9 +1,10 @@
 """The transaction boundary: the one place that commits, and the one place that sends tasks.
 
-A unit of work is one database transaction plus two outboxes: task messages for the broker and
-doorbells for event-stream watchers. Both go out only after the commit succeeded, so a message
-never names a row that might still roll back, and both are dropped when the transaction rolls
-back (as warehouse's and polar's job queues do). Domain code asks for a send with
+A unit of work is one database transaction plus its outboxes: task messages for the broker,
+doorbells for event-stream watchers and metric observations. They go out only after the commit
+succeeded, so a message never names a row that might still roll back and a change is counted
+once it happened, and they are dropped when the transaction rolls back (as warehouse's and
+polar's job queues do). Domain code asks for a send with
 ``uow.send(...)``; it never commits and never talks to the broker itself.
 """
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from worker.broker import Broker, Message, QueueUnavailable
 from worker.db import session_scope
+from worker.metrics import Observation, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,15 @@ class UnitOfWork:
     db: Session
     messages: list[Message] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
 
     def send(self, message: Message) -> None:
         """Send ``message`` once this unit's transaction has committed."""
         self.messages.append(message)
+
+    def observe(self, observation: Observation) -> None:
+        """Count ``observation`` once this unit's transaction has committed."""
+        self.observations.append(observation)
 
     def notify(self, launch_id: str) -> None:
         """Wake the launch's watchers once this unit's transaction has committed."""
@@ -57,6 +64,8 @@ class Units:
     database_url: str
     broker: Broker
     doorbell: Callable[[str], None] = _no_doorbell
+    # Where this process's metrics go (None: not kept, as in the unit tests).
+    recorder: Recorder | None = None
 
     @contextmanager
     def begin(self) -> Iterator[UnitOfWork]:
@@ -73,6 +82,9 @@ class Units:
     def _deliver(self, uow: UnitOfWork) -> None:
         for launch_id in uow.notices:
             self.doorbell(launch_id)
+        if self.recorder is not None:
+            self.recorder.add(uow.observations)
+            self.recorder.flush()
         refused: list[Message] = []
         reason = ""
         for message in uow.messages:

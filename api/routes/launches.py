@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from api import intake
+from api.context import bind_path_launch
 from api.deps import DbDep, SettingsDep, UnitsDep
 from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
 from worker import queries
 from worker.crypto import reveal
 from worker.db import as_utc, reading
+from worker.logs import bind_launch
 from worker.models import Launch, Status
 from worker.settings import Settings
 
-router = APIRouter(prefix="/api/launches", tags=["launches"])
+log = logging.getLogger(__name__)
+# A request for /{launch_id}... logs with that launch's id on every line.
+router = APIRouter(
+    prefix="/api/launches", tags=["launches"], dependencies=[Depends(bind_path_launch)]
+)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No launch with this id."}
@@ -75,6 +82,8 @@ def create_launch(
         launch = intake.accept(units, settings, body)
     except intake.Refused as e:
         raise HTTPException(e.status, e.message) from e
+    with bind_launch(launch.id):
+        log.info("launch %s accepted (%s)", launch.id, "repo" if body.repo else "image")
     status_url = public_url(request, settings, "get_launch", launch_id=launch.id)
     response.headers["Location"] = status_url
     return LaunchAccepted(
@@ -130,4 +139,5 @@ def end_launch(launch_id: str, units: UnitsDep, settings: SettingsDep) -> Launch
         raise HTTPException(e.status, e.message) from e
     if launch is None:
         raise _not_found()
+    log.info("launch %s: end requested (%s)", launch_id, launch.status)
     return view(settings, launch)

@@ -86,6 +86,7 @@ def start_stack(
     options.setdefault("beat", False)
     # An operator's admin account with the prefix: cleanup must never touch it.
     options["env"] = {"HUBLAUNCH_HUB_ADMIN_USERS": "hl-admin", **options.get("env", {})}
+    options["env"].setdefault("HUBLAUNCH_ADMIN_TOKEN", secrets.token_urlsafe(32))
     stack = Stack(
         StackConfig(
             data_dir=data_dir,

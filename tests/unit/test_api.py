@@ -311,3 +311,11 @@ def test_cors_origin_comes_from_the_settings_the_app_was_given(
             other = client.get("/build/svn/x", headers={"Origin": "https://c.example"})
         assert mine.headers["access-control-allow-origin"] == origin
         assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("launch_id", ["a%00b", "..%2F..", "x" * 200, "%E2%80%8B"])
+def test_ids_no_launch_can_have_are_404_on_every_route(api: TestClient, launch_id: str) -> None:
+    # A NUL byte once reached PostgreSQL (which refuses it in text) and came back as a 500.
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
+        response = api.request(method, f"/api/launches/{launch_id}{suffix}")
+        assert response.status_code == 404, (method, suffix, response.text)

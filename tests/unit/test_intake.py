@@ -18,6 +18,7 @@ from worker.broker import LAUNCH_TASK, TEARDOWN_TASK, Message, QueueUnavailable,
 from worker.db import session_factory, session_scope
 from worker.models import EndReason, Launch, LaunchEvent, Phase, Status
 from worker.settings import Settings
+from worker.transitions import FailReason
 from worker.unit_of_work import Undelivered, UnitOfWork, Units
 
 
@@ -312,7 +313,9 @@ class FailsMeanwhile(RecordingBroker):
         with Units(self.database_url, RecordingBroker(self.database_url)).begin() as uow:
             launch = uow.db.get(Launch, message.argument)
             assert launch is not None
-            transitions.mark_failed(uow, launch, "failed by a pass", now=launch.created_at)
+            transitions.mark_failed(
+                uow, launch, "failed by a pass", reason=FailReason.timeout, now=launch.created_at
+            )
         raise QueueUnavailable("down")
 
 

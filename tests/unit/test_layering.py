@@ -20,6 +20,8 @@ API_MAY_IMPORT = {
     "worker.crypto",
     "worker.db",
     "worker.hub_client",
+    "worker.logs",
+    "worker.metrics",
     "worker.models",
     "worker.notify",
     "worker.queries",

@@ -212,3 +212,19 @@ def test_a_session_server_loads_the_filter_as_an_extension(tmp_path: Path) -> No
     assert "hub.redact | extension was successfully loaded" in text
     assert "404 GET /api/contents/missing?token=[secret] (127.0.0.1)" in text
     assert token not in text
+
+
+def test_a_placeholder_after_token_is_formatted_then_redacted(
+    logging_state: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Redacting the format string alone turned "token=%s" into "token=[secret]": the arguments
+    # no longer fitted, and logging's error report printed them, the token too, to stderr.
+    log, out = stream_logger("test-redact-placeholder")
+    log.handlers[0].addFilter(RedactTokens())
+    token = a_token()
+    log.warning("open https://h/user/hl-a/?token=%s (%d)", token, 3)
+    log.warning("named: token=%(t)s", {"t": token})
+    printed = out.getvalue() + capsys.readouterr().err
+    assert "open https://h/user/hl-a/?token=[secret] (3)" in out.getvalue()
+    assert "named: token=[secret]" in out.getvalue()
+    assert token not in printed and "Logging error" not in printed

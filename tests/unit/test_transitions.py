@@ -17,7 +17,7 @@ from worker.broker import launch_message
 from worker.db import as_utc, session_scope
 from worker.models import EndReason, Launch, LaunchEvent, Phase, Status
 from worker.settings import Settings
-from worker.transitions import ALLOWED, IllegalTransition
+from worker.transitions import ALLOWED, FailReason, IllegalTransition
 from worker.unit_of_work import UnitOfWork, Units
 
 SPEC = {"image": "default"}
@@ -28,6 +28,9 @@ def units(settings: Settings) -> Units:
     from tests.fakes import RecordingBroker
 
     return Units(settings.database_url, RecordingBroker(settings.database_url))
+
+
+FAIL = FailReason.internal_error
 
 
 def put(settings: Settings, now: datetime, status: Status = Status.queued, **fields: Any) -> str:
@@ -102,7 +105,7 @@ def test_final_launches_neither_fail_nor_end_again(
 ) -> None:
     launch_id = put(settings, clock(), source)
     with pytest.raises(IllegalTransition), units.begin() as uow:
-        transitions.mark_failed(uow, get(uow, launch_id), "no", now=clock())
+        transitions.mark_failed(uow, get(uow, launch_id), "no", reason=FAIL, now=clock())
     with pytest.raises(IllegalTransition), units.begin() as uow:
         transitions.mark_ended(uow, get(uow, launch_id), now=clock())
     assert events(settings, launch_id) == [(Phase.waiting, "Launch of image default queued")]
@@ -111,7 +114,7 @@ def test_final_launches_neither_fail_nor_end_again(
 def test_a_ready_launch_cannot_fail(settings: Settings, units: Units, clock: Clock) -> None:
     launch_id = put(settings, clock(), Status.ready, hub_user="hl-x")
     with pytest.raises(IllegalTransition), units.begin() as uow:
-        transitions.mark_failed(uow, get(uow, launch_id), "no", now=clock())
+        transitions.mark_failed(uow, get(uow, launch_id), "no", reason=FAIL, now=clock())
 
 
 # -- one launch ------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def test_mark_failed_ends_the_launch_with_its_message(
     launch_id = put(settings, clock(), Status.launching, token_ciphertext="ct")
     with units.begin() as uow:
         transitions.mark_failed(
-            uow, get(uow, launch_id), "it broke", now=clock(), user_removed=removed
+            uow, get(uow, launch_id), "it broke", reason=FAIL, now=clock(), user_removed=removed
         )
         assert uow.notices == [launch_id]
     stored = load(settings, launch_id)

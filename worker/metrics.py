@@ -1,0 +1,196 @@
+"""Counters and histograms that every process adds to and the app exposes, kept in Redis.
+
+The app, the workers and beat are separate processes (separate containers in compose), so a
+process-local registry would show each only its own part. Each process buffers what it
+observed and adds it to Redis hashes in one pipeline: after the commit of the unit of work that
+changed the state (so a rolled-back change is never counted), or with the next such commit for
+what happened outside one (Hub requests). ``/metrics`` on the app reads the hashes back as
+Prometheus families. Without Redis (the embedded dev queue) nothing is kept; the families the
+app derives from the database at scrape time are still there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Then the deployment's queue name, so deployments sharing one Redis keep their counts apart.
+KEY_PREFIX = "hublaunch:metrics:"
+# Between a field's label values (JSON, which escapes every tab) and its histogram part.
+SEPARATOR = "\t"
+
+# Up to the default launch timeout and past it: short buckets hid long spawns in JupyterHub's
+# own dashboards.
+TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+HUB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # "counter" or "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "hublaunch_launches_created",
+            "counter",
+            "Launches accepted, by provider.",
+            ("provider",),
+        ),
+        Family(
+            "hublaunch_launches_finished",
+            "counter",
+            "Launches that reached ready, failed or ended before ready, by provider, outcome and "
+            "reason.",
+            ("provider", "outcome", "reason"),
+        ),
+        Family(
+            "hublaunch_sessions_ended",
+            "counter",
+            "Ready sessions that ended, by reason.",
+            ("reason",),
+        ),
+        Family(
+            "hublaunch_launch_queue_seconds",
+            "histogram",
+            "From the launch's creation until a worker took its first step.",
+            ("provider",),
+            TIME_BUCKETS,
+        ),
+        Family(
+            "hublaunch_launch_spawn_seconds",
+            "histogram",
+            "From the Hub user's creation (launching) until the server was ready.",
+            ("provider",),
+            TIME_BUCKETS,
+        ),
+        Family(
+            "hublaunch_launch_ready_seconds",
+            "histogram",
+            "Time to ready: from the launch's creation until its server was ready.",
+            ("provider",),
+            TIME_BUCKETS,
+        ),
+        Family(
+            "hublaunch_builds",
+            "counter",
+            "Environment builds that finished, by result.",
+            ("result",),
+        ),
+        Family(
+            "hublaunch_build_seconds",
+            "histogram",
+            "How long an environment build took, by result.",
+            ("result",),
+            TIME_BUCKETS,
+        ),
+        Family(
+            "hublaunch_cleanup_actions",
+            "counter",
+            "What cleanup passes did, by category and result.",
+            ("category", "result"),
+        ),
+        Family("hublaunch_cleanup_passes", "counter", "Cleanup passes run."),
+        Family(
+            "hublaunch_hub_requests",
+            "counter",
+            "Requests to the Hub's REST API, by endpoint family and status code.",
+            ("family", "code"),
+        ),
+        Family(
+            "hublaunch_hub_request_seconds",
+            "histogram",
+            "Latency of requests to the Hub's REST API, by endpoint family.",
+            ("family",),
+            HUB_BUCKETS,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Observation:
+    family: str
+    labels: tuple[str, ...]
+    value: float
+
+    def fields(self) -> Iterator[tuple[str, float]]:
+        """The hash fields this adds to, and by how much."""
+        family = FAMILIES[self.family]
+        key = json.dumps(self.labels)
+        if family.kind == "counter":
+            yield key, self.value
+            return
+        for bound in family.buckets:
+            if self.value <= bound:
+                yield f"{key}{SEPARATOR}{bound}", 1
+        yield f"{key}{SEPARATOR}+Inf", 1
+        yield f"{key}{SEPARATOR}sum", self.value
+
+
+def observation(name: str, value: float = 1.0, /, **labels: str) -> Observation:
+    """One observation of family ``name`` (1 for a counter), with exactly its labels."""
+    spec = FAMILIES[name]
+    if set(labels) != set(spec.labels):
+        raise ValueError(f"{name} takes the labels {spec.labels}, not {tuple(labels)}")
+    return Observation(name, tuple(str(labels[label]) for label in spec.labels), value)
+
+
+class Recorder:
+    """This process's buffer of observations, added to Redis by ``flush()`` (thread-safe)."""
+
+    def __init__(self, redis_url: str | None, namespace: str = "launches") -> None:
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=2) if redis_url else None
+        self._prefix = f"{KEY_PREFIX}{namespace}:"
+        self._pending: list[Observation] = []
+        self._lock = threading.Lock()
+
+    def add(self, observations: Iterable[Observation]) -> None:
+        with self._lock:
+            self._pending.extend(observations)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if self._redis is None or not pending:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for item in pending:
+            for field, amount in item.fields():
+                pipe.hincrbyfloat(self._prefix + item.family, field, amount)
+        try:
+            pipe.execute()
+        except redis.RedisError as e:
+            # Metrics are not worth failing a launch for; the loss is logged.
+            log.warning("could not record %d metric observations: %s", len(pending), e)
+
+
+def stored(client: redis.Redis, namespace: str = "launches") -> dict[str, dict[str, float]]:
+    """Every family's hash as Redis holds it for one deployment (one pipeline)."""
+    pipe = client.pipeline(transaction=False)
+    for name in FAMILIES:
+        pipe.hgetall(f"{KEY_PREFIX}{namespace}:{name}")
+    out: dict[str, dict[str, float]] = {}
+    for name, raw in zip(FAMILIES, pipe.execute(), strict=True):
+        out[name] = {k.decode(): float(v) for k, v in raw.items()}
+    return out
+
+
+def label_values(field: str) -> tuple[Sequence[str], str]:
+    """A hash field split into its label values and its histogram part ("" for counters)."""
+    key, _, part = field.partition(SEPARATOR)
+    values: list[str] = json.loads(key)
+    return values, part

@@ -84,7 +84,6 @@ class Units:
             self.doorbell(launch_id)
         if self.recorder is not None:
             self.recorder.add(uow.observations)
-            self.recorder.flush()
         refused: list[Message] = []
         reason = ""
         for message in uow.messages:

@@ -3,7 +3,8 @@ what /metrics makes of it, with an in-memory Redis and the unit databases."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 import fakeredis
@@ -34,11 +35,33 @@ def store() -> fakeredis.FakeRedis:
     return fakeredis.FakeRedis()
 
 
+class Immediate(Recorder):
+    """Adds to the in-memory Redis at once (the background thread has a test of its own)."""
+
+    def __init__(self, store: fakeredis.FakeRedis) -> None:
+        super().__init__(None)
+        self._redis = store
+
+    def add(self, observations: Iterable[metrics.Observation]) -> None:
+        with self._lock:
+            self._pending.extend(observations)
+        self.flush()
+
+
 @pytest.fixture
 def recorder(store: fakeredis.FakeRedis) -> Recorder:
-    recorder = Recorder(None)
-    recorder._redis = store  # the in-memory Redis in place of a URL
-    return recorder
+    return Immediate(store)
+
+
+def test_the_background_thread_adds_what_was_observed(store: fakeredis.FakeRedis) -> None:
+    recorder = Recorder(None, interval=0.02)
+    recorder._redis = store
+    recorder.add([observation("hublaunch_cleanup_passes")])
+    deadline = time.monotonic() + 5
+    while not metrics.stored(store)["hublaunch_cleanup_passes"]:
+        assert time.monotonic() < deadline, "nothing reached Redis"
+        time.sleep(0.01)
+    assert metrics.stored(store)["hublaunch_cleanup_passes"] == {"[]": 1.0}
 
 
 @pytest.fixture
@@ -224,8 +247,7 @@ def test_metrics_shows_the_counts_of_every_process_and_the_database_now(
     scrape: TestClient, settings: Settings, store: fakeredis.FakeRedis, clock: Clock
 ) -> None:
     # What a worker counted (through Redis, not this process).
-    worker = Recorder(None)
-    worker._redis = store
+    worker = Immediate(store)
     worker.add([observation("hublaunch_cleanup_actions", category="expired", result="ended")])
     worker.flush()
     with session_scope(settings.database_url) as db:

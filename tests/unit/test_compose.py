@@ -98,9 +98,13 @@ def test_sessions_have_a_network_of_their_own_with_the_hub_only(config: dict[str
     assert _networks(services["hub"]) == {"backend", "sessions"}
     for name in ("redis", "postgres", "api", "worker", "builder", "beat", "registry"):
         assert _networks(services[name]) == {"backend"}, name
-    # Only the proxy is published, on the host's loopback.
+    # Only the proxy, Prometheus and Grafana are published, on the host's loopback.
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert published == {"hub": ["127.0.0.1:8000:8000/tcp"]}
+    assert published == {
+        "hub": ["127.0.0.1:8000:8000/tcp"],
+        "prometheus": ["127.0.0.1:9090:9090/tcp"],
+        "grafana": ["127.0.0.1:3000:3000/tcp"],
+    }
 
 
 def test_the_hub_spawns_session_containers_on_the_sessions_network(
@@ -243,3 +247,115 @@ def test_redis_refuses_clients_without_its_password(
 
     assert check(run["env"]) == 0
     assert check({**run["env"], "REDIS_PASSWORD": "wrong"}) != 0
+
+
+# -- monitoring: Prometheus and Grafana, and the secrets given as files ------------------------
+
+# Secrets Compose mounts from files (top-level `secrets:`), and who may have each mounted.
+FILE_SECRETS = {
+    "hublaunch_admin_token": {"api", "prometheus"},
+    "grafana_admin_password": {"grafana"},
+}
+
+
+def test_monitoring_runs_on_the_backend_with_its_secrets_as_files(config: dict[str, Any]) -> None:
+    services = config["services"]
+    for name in ("prometheus", "grafana"):
+        assert _networks(services[name]) == {"backend"}, name
+        # Neither holds a secret in its environment or its command.
+        assert not services[name].get("environment"), name
+    for secret, holders in FILE_SECRETS.items():
+        mounted = {
+            name
+            for name, s in services.items()
+            if secret in [m if isinstance(m, str) else m["source"] for m in s.get("secrets", [])]
+        }
+        assert mounted == holders, f"{secret} is mounted in {sorted(mounted)}"
+        # By default outside the repository, so a secret file is never committed by accident.
+        source = Path(config["secrets"][secret]["file"])
+        assert source.is_absolute() and not source.is_relative_to(REPO), source
+    # Prometheus reads the admin token where Compose mounts it, and evaluates the alert rules.
+    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "hublaunch"]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/hublaunch_admin_token"
+    assert job["static_configs"] == [{"targets": ["api:8010"]}]
+    assert scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    prometheus_volumes = services["prometheus"]["volumes"]
+    for mounted in ("prometheus.yml", "alerts.yml"):
+        volume = f"{REPO}/deploy/prometheus/{mounted}:/etc/prometheus/{mounted}:ro"
+        assert volume in prometheus_volumes, prometheus_volumes
+    grafana_ini = (REPO / "deploy/grafana/grafana.ini").read_text()
+    assert "admin_password = $__file{/run/secrets/grafana_admin_password}" in grafana_ini
+
+
+def test_the_app_takes_the_admin_token_from_its_secret_file(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The api service's own command, run here with a stand-in `hublaunch` that prints what it
+    got, and the secret file at a scratch path instead of /run/secrets."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("admin-token-placeholder-9f3c\n")
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "hublaunch").write_text(
+        '#!/bin/sh\necho "token=$HUBLAUNCH_ADMIN_TOKEN"\necho "args=$*"\n'
+    )
+    (shims / "hublaunch").chmod(0o755)
+    command = [
+        part.replace("$$", "$").replace("/run/secrets/hublaunch_admin_token", str(token_file))
+        for part in config["services"]["api"]["command"]
+    ]
+    env = {"PATH": f"{shims}:{os.environ['PATH']}"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "token=admin-token-placeholder-9f3c",
+        "args=api --host 0.0.0.0 --port 8010",
+    ]
+    assert "placeholder" not in " ".join(command)  # never on a command line
+    # Without its secret the app does not start (it would serve /metrics and no admin API).
+    token_file.unlink()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode != 0 and "token=" not in result.stdout
+
+
+def test_env_example_lists_every_setting_and_compose_variable(compose: Compose) -> None:
+    from worker.settings import Settings
+
+    text = (REPO / ".env.example").read_text()
+    assigned = dict(
+        line.split("=", 1)
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    for field in Settings.model_fields:
+        assert f"HUBLAUNCH_{field.upper()}" in assigned, f"HUBLAUNCH_{field.upper()} is missing"
+    # Every variable docker-compose.yml reads.
+    result = compose("config", "--no-interpolate", env={})
+    assert result.returncode == 0, result.stderr
+    used = set(re.findall(r"\$\{([A-Z_]+)", result.stdout))
+    assert used, "docker-compose.yml reads no variable?"
+    assert used <= set(assigned), sorted(used - set(assigned))
+    # Placeholders only: no value looks like a generated secret.
+    for key, value in assigned.items():
+        if re.search(r"PASSWORD|TOKEN|SECRET_KEY$", key):
+            assert not re.fullmatch(r"[0-9a-f]{32,}|[A-Za-z0-9_-]{40,}=?", value), key
+    # The example works as an env file: compose accepts it as it stands.
+    example = subprocess.run(
+        [
+            shutil.which("docker-compose") or "docker-compose",
+            "--project-directory",
+            str(REPO),
+            "--env-file",
+            str(REPO / ".env.example"),
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            "config",
+            "-q",
+        ],
+        env={k: v for k, v in os.environ.items() if k not in REQUIRED},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert example.returncode == 0, example.stderr

@@ -24,6 +24,8 @@ from worker.models import Launch
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+# How often each process adds its counts to Redis (worker.metrics.Recorder's interval).
+FLUSH_SECONDS = 0.5
 
 
 def scrape(api: httpx.Client, stack: Stack) -> Samples:
@@ -39,6 +41,26 @@ def scrape(api: httpx.Client, stack: Stack) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def settled(api: httpx.Client, stack: Stack) -> Samples:
+    """A scrape once what earlier tests did has reached Redis: each process adds its counts
+    every FLUSH_SECONDS, so two scrapes that far apart and equal have nothing in flight."""
+
+    def counts(samples: Samples) -> Samples:
+        # Gauges (a queued launch's age) move by themselves; the counts are what must settle.
+        suffixes = ("_total", "_count", "_sum", "_bucket")
+        return {name: v for name, v in samples.items() if name.endswith(suffixes)}
+
+    previous = scrape(api, stack)
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(FLUSH_SECONDS + 0.2)
+        current = scrape(api, stack)
+        if counts(current) == counts(previous):
+            return current
+        assert time.monotonic() < deadline, "the counters never settled"
+        previous = current
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -60,7 +82,7 @@ def test_counts_from_every_process_match_the_database(
     api: httpx.Client, stack: Stack, hub: HubClient
 ) -> None:
     assert api.get("/metrics").status_code == 401  # the stack sets an admin token
-    before = scrape(api, stack)
+    before = settled(api, stack)
 
     ready = [launch(api, "default") for _ in range(2)]
     refused = launch(api, "no-such-image")

@@ -2,10 +2,10 @@
 
 The app, the workers and beat are separate processes (separate containers in compose), so a
 process-local registry would show each only its own part. Each process buffers what it
-observed and adds it to Redis hashes in one pipeline: after the commit of the unit of work that
-changed the state (so a rolled-back change is never counted), or with the next such commit for
-what happened outside one (Hub requests). ``/metrics`` on the app reads the hashes back as
-Prometheus families. Without Redis (the embedded dev queue) nothing is kept; the families the
+observed: a unit of work hands over its observations after its commit (so a rolled-back change
+is never counted), the Hub client each request as it is made; a background thread adds the
+buffer to Redis hashes in one pipeline every half second. ``/metrics`` on the app reads the
+hashes back as Prometheus families. Without Redis (the embedded dev queue) nothing is kept; the families the
 app derives from the database at scrape time are still there.
 """
 

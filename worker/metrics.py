@@ -5,8 +5,8 @@ process-local registry would show each only its own part. Each process buffers w
 observed: a unit of work hands over its observations after its commit (so a rolled-back change
 is never counted), the Hub client each request as it is made; a background thread adds the
 buffer to Redis hashes in one pipeline every half second. ``/metrics`` on the app reads the
-hashes back as Prometheus families. Without Redis (the embedded dev queue) nothing is kept; the families the
-app derives from the database at scrape time are still there.
+hashes back as Prometheus families. Without Redis (the embedded dev queue) nothing is kept;
+the families the app derives from the database at scrape time are still there.
 """
 
 from __future__ import annotations

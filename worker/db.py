@@ -25,6 +25,10 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def as_utc_or_none(value: datetime | None) -> datetime | None:
+    return as_utc(value) if value is not None else None
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -19,7 +18,7 @@ from api import intake
 from api.deps import DbDep, SettingsDep, UnitsDep
 from api.schemas import AdminSession, AdminSessionPage, AdminSpecCount, AdminSummary, Problem
 from worker import queries
-from worker.db import as_utc, utcnow
+from worker.db import as_utc, as_utc_or_none, utcnow
 from worker.models import Launch, Status
 
 DISABLED = "The admin API is disabled; set HUBLAUNCH_ADMIN_TOKEN to enable it."
@@ -71,18 +70,15 @@ router = APIRouter(
 
 
 def admin_view(launch: Launch) -> AdminSession:
-    def utc(value: datetime | None) -> datetime | None:
-        return as_utc(value) if value is not None else None
-
     return AdminSession(
         id=launch.id,
         status=launch.status,
         spec=launch.spec,
         user=launch.hub_user,
         created_at=as_utc(launch.created_at),
-        ready_at=utc(launch.ready_at),
-        expires_at=utc(launch.expires_at),
-        ended_at=utc(launch.ended_at),
+        ready_at=as_utc_or_none(launch.ready_at),
+        expires_at=as_utc_or_none(launch.expires_at),
+        ended_at=as_utc_or_none(launch.ended_at),
         end_reason=launch.end_reason,
         error=launch.error,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
@@ -16,7 +15,7 @@ from api.events import event_stream
 from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
 from worker import queries
 from worker.crypto import reveal
-from worker.db import as_utc, reading
+from worker.db import as_utc, as_utc_or_none, reading
 from worker.logs import bind_launch
 from worker.models import Launch, Status
 from worker.settings import Settings
@@ -42,9 +41,6 @@ def _url_with_token(settings: Settings, launch: Launch) -> str | None:
 
 
 def view(settings: Settings, launch: Launch) -> LaunchView:
-    def utc(value: datetime | None) -> datetime | None:
-        return as_utc(value) if value is not None else None
-
     return LaunchView(
         id=launch.id,
         status=launch.status,
@@ -54,9 +50,9 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
         error=launch.error,
         end_reason=launch.end_reason,
         created_at=as_utc(launch.created_at),
-        ready_at=utc(launch.ready_at),
-        expires_at=utc(launch.expires_at),
-        ended_at=utc(launch.ended_at),
+        ready_at=as_utc_or_none(launch.ready_at),
+        expires_at=as_utc_or_none(launch.expires_at),
+        ended_at=as_utc_or_none(launch.ended_at),
     )
 
 

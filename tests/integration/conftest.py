@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,6 +179,28 @@ def hub(stack: Stack) -> Iterator[HubClient]:
     client = HubClient(stack.hub_api_url, stack.hub_token)
     yield client
     client.close()
+
+
+def expire_and_cull(stack: Stack, launch_id: str) -> None:
+    """Make a ready session expired, then run a cleanup pass in a process of its own."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    with session_scope(stack.config.database_url) as db:
+        db.execute(
+            update(Launch)
+            .where(Launch.id == launch_id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "hublaunch.cli", "cull"],
+        env=stack.environ(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def hub_user_names(hub: HubClient) -> set[str]:

@@ -3,20 +3,17 @@ counted is on the app's page, once, and matches the database."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import read_events
+from tests.integration.conftest import expire_and_cull, read_events
 from worker.db import session_scope
 from worker.hub_client import HubClient
 from worker.models import Launch
@@ -92,21 +89,7 @@ def test_counts_from_every_process_match_the_database(
     wait_until(lambda: api.get(f"/api/launches/{ended_id}").json()["status"] == "ended", "the end")
 
     # A cleanup pass in a process of its own ends the other session, made expired.
-    expired_id = ready[1][0]
-    with session_scope(stack.config.database_url) as db:
-        db.execute(
-            update(Launch)
-            .where(Launch.id == expired_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-    result = subprocess.run(
-        [sys.executable, "-m", "hublaunch.cli", "cull"],
-        env=stack.environ(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    expire_and_cull(stack, ready[1][0])
 
     def delta(name: str, **labels: str) -> float:
         return value(scrape(api, stack), name, **labels) - value(before, name, **labels)

@@ -14,23 +14,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from sqlalchemy import update
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import read_events, wait_for
+from tests.integration.conftest import expire_and_cull, read_events, wait_for
 from tests.integration.gitserver import GitServer
-from worker.db import session_scope
-from worker.models import Launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_users")]
 
@@ -204,20 +199,7 @@ def check_the_dashboard_and_rules(
     ended, expired, *kept = running
     end(api, ended)
     # A cleanup pass in a process of its own ends a session made expired.
-    with session_scope(stack.config.database_url) as db:
-        db.execute(
-            update(Launch)
-            .where(Launch.id == expired)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-    result = subprocess.run(
-        [sys.executable, "-m", "hublaunch.cli", "cull"],
-        env=stack.environ(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    expire_and_cull(stack, expired)
     wait_for(
         lambda: api.get(f"/api/launches/{expired}").json()["status"] == "ended",
         30,

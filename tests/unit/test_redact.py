@@ -228,3 +228,24 @@ def test_a_placeholder_after_token_is_formatted_then_redacted(
     assert "open https://h/user/hl-a/?token=[secret] (3)" in out.getvalue()
     assert "named: token=[secret]" in out.getvalue()
     assert token not in printed and "Logging error" not in printed
+
+
+def test_a_record_is_redacted_once_however_many_filters_it_meets(
+    logging_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The record factory, the logger's filter and each handler's filter all see one record;
+    # the patterns run once, and every handler still prints it redacted.
+    log, out = stream_logger("test-redact-once")
+    second = io.StringIO()
+    log.handlers.append(logging.StreamHandler(second))
+    for target in (log, *log.handlers):
+        target.addFilter(RedactTokens())
+    install(log)
+    calls = []
+    monkeypatch.setattr(hub.redact, "_secret_slots", lambda text: calls.append(text) or {0})
+    token = a_token()
+    log.warning("token=%s", token)
+    log.warning("%s", f"GET /x?token={token}")  # no secret word in the format: the argument
+    assert calls == ["token=%s"]
+    for text in (out.getvalue(), second.getvalue()):
+        assert text == "token=[secret]\nGET /x?token=[secret]\n"

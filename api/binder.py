@@ -15,6 +15,34 @@ from urllib.parse import quote, unquote
 from api.schemas import LaunchRequest
 
 PROVIDERS = ("gh", "gl", "git", "image")
+# The OpenAPI parameters of /build/{provider}/{spec} (its handler reads the raw path itself).
+BUILD_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "provider",
+        "in": "path",
+        "required": True,
+        "description": "Where the spec points: a GitHub or GitLab repository, any git URL, or "
+        "a ready image.",
+        "schema": {"type": "string", "enum": list(PROVIDERS)},
+    },
+    {
+        "name": "spec",
+        "in": "path",
+        "required": True,
+        "description": "`<owner>/<repo>/<ref>` (gh), `<url-escaped namespace/project>/<ref>` "
+        "(gl), `<url-escaped url>/<ref>` (git) or `<url-escaped image name>` (image).",
+        "schema": {"type": "string", "minLength": 1},
+        "examples": {"image": {"value": "default"}},
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "`<launch id>:<event id>`, sent by a reconnecting EventSource: the stream "
+        "continues that launch after that event instead of starting a new one.",
+        "schema": {"type": "string"},
+    },
+]
 
 
 class BadSpec(ValueError):

@@ -27,6 +27,20 @@ from worker.settings import Settings
 KEEPALIVE_SECONDS = 15.0
 POLL_SECONDS = 1.0
 FINAL_PHASES = frozenset({Phase.ready, Phase.failed})
+# Event ids are row ids: 18 digits stay below 2**63, the largest integer SQLite and PostgreSQL
+# compare a BIGINT with; a longer number would overflow mid-stream rather than mean anything.
+MAX_EVENT_ID_DIGITS = 18
+
+
+def parse_event_id(value: str | None) -> int | None:
+    """The event id a client says it last saw (``Last-Event-ID``), or None when the value is no
+    such id: only ASCII digits count (``str.isdigit`` also accepts "²", which ``int`` refuses),
+    and at most ``MAX_EVENT_ID_DIGITS`` of them."""
+    if value is None or not 0 < len(value) <= MAX_EVENT_ID_DIGITS:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
 
 
 def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[str, Any]], bool]:

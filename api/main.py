@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import HublaunchCollector
@@ -29,6 +31,8 @@ from worker.unit_of_work import Units
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
+# What a 405's Allow header may name (OPTIONS is answered by no route).
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 class BodyLimit:
@@ -108,7 +112,56 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         raise TypeError(f"registered for HTTPException, got {type(exc).__name__}")
     if exc.status_code == 404 and not request.url.path.startswith("/api/"):
         return not_found(request)
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the methods of
+    the first route whose path matched (GET of /api/launches/{id}, not its DELETE)."""
+    return [
+        method
+        for method in METHODS
+        if any(
+            not isinstance(route, Mount)
+            and route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+
+
+def _document(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the app answers where FastAPI's defaults do not:
+    a validation error is a ``Problem`` (one sentence, from ``_validation_error``), not
+    FastAPI's list of errors, and a route behind the admin bearer also answers 401."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = generate()
+        problem = {"$ref": "#/components/schemas/Problem"}
+        for path in document.get("paths", {}).values():
+            for operation in path.values():
+                answers = operation.get("responses", {})
+                invalid = answers.get("422", {}).get("content", {}).get("application/json", {})
+                if invalid.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                    invalid["schema"] = problem
+                if operation.get("security") and "401" not in answers:
+                    answers["401"] = {
+                        "description": "No admin token, or a wrong one.",
+                        "content": {"application/json": {"schema": problem}},
+                    }
+        schemas = document.get("components", {}).get("schemas", {})
+        if "HTTPValidationError" not in json.dumps(document.get("paths", {})):
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
@@ -170,4 +223,5 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    _document(app)
     return app

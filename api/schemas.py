@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from worker.models import Status
+from worker import repos
+from worker.models import Phase, Status
 
 # Docker's reference grammar, simplified: lower-case path components, optional :tag, no digest.
 IMAGE_RE = re.compile(
@@ -17,6 +18,27 @@ IMAGE_RE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"
 )
 MAX_IMAGE_LENGTH = 255
+# What _one_kind enforces, said in the JSON schema so that clients (and schemathesis, which
+# generates requests from it) know: a string image and no repo or ref, or a string repo and no
+# image. A field given as null counts as absent, as the model reads it.
+ONE_KIND: dict[str, Any] = {
+    "oneOf": [
+        {
+            "title": "A ready image",
+            "required": ["image"],
+            "properties": {
+                "image": {"type": "string"},
+                "repo": {"type": "null"},
+                "ref": {"type": "null"},
+            },
+        },
+        {
+            "title": "A repository, built by hublaunch",
+            "required": ["repo"],
+            "properties": {"repo": {"type": "string"}, "image": {"type": "null"}},
+        },
+    ]
+}
 
 
 class LaunchRequest(BaseModel):
@@ -24,15 +46,27 @@ class LaunchRequest(BaseModel):
 
     # Strict: no coercion, so "lifetime": true or "60" is refused rather than read as 1 or 60,
     # and image/repo/ref must be JSON strings.
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, strict=True, json_schema_extra=ONE_KIND
+    )
 
     image: str | None = Field(
-        None, description="A ready image, `name[:tag]`, e.g. `default`.", examples=["default"]
+        None,
+        description="A ready image, `name[:tag]`, e.g. `default`. Not with `repo` or `ref`.",
+        examples=["default"],
+        json_schema_extra={"maxLength": MAX_IMAGE_LENGTH, "pattern": IMAGE_RE.pattern},
     )
     repo: str | None = Field(
-        None, description="A git repository URL, or `gh:owner/repo` / `gl:owner/repo`."
+        None,
+        description="A git repository URL, or `gh:owner/repo` / `gl:owner/repo`. Not with `image`.",
+        examples=["gh:binder-examples/requirements"],
+        json_schema_extra={"maxLength": repos.MAX_URL},
     )
-    ref: str | None = Field(None, description="Branch, tag or commit of `repo` (default HEAD).")
+    ref: str | None = Field(
+        None,
+        description="Branch, tag or commit of `repo` (default HEAD); only with `repo`.",
+        json_schema_extra={"maxLength": 255},
+    )
     lifetime: int | None = Field(
         None, gt=0, description="Seconds the session may live; at most the service's maximum."
     )
@@ -90,6 +124,68 @@ class LaunchView(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+# One Server-Sent Event of a launch's stream (OpenAPI 3.1: the media type's schema describes
+# each event); its data is a JSON object with BinderHub's phase names.
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string", "description": "Where to resume (send it as Last-Event-ID)."},
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["phase"],
+                "properties": {
+                    "phase": {"type": "string", "enum": [p.value for p in Phase]},
+                    "message": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
+
+
+def event_stream_response(description: str) -> dict[str, Any]:
+    """A ``responses=`` entry for a text/event-stream answer."""
+    return {"description": description, "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}}
+
+
+# Statuses routes declare in their ``responses=`` (what they answer besides success), so that
+# the OpenAPI document lists every status a client can get.
+ResponsesDoc = dict[int | str, dict[str, Any]]
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before the next request.",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+RATE_LIMITED: ResponsesDoc = {
+    429: {
+        "model": Problem,
+        "description": "Too many requests from this client; try again after `Retry-After`.",
+        "headers": RETRY_AFTER,
+    }
+}
+# /build says no as BinderHub does, with one failed event, under the 429 status.
+RATE_LIMITED_STREAM: ResponsesDoc = {
+    429: {
+        "description": "Too many launches from this client: one `failed` event; try again "
+        "after `Retry-After`.",
+        "headers": RETRY_AFTER,
+        "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
+    }
+}
+QUEUE_DOWN: ResponsesDoc = {
+    503: {"model": Problem, "description": "The queue is unavailable; send the request again."}
+}
+BANNED: ResponsesDoc = {
+    403: {"model": Problem, "description": "This repository is not allowed on this service."}
+}
 
 
 class Health(BaseModel):

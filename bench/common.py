@@ -88,7 +88,9 @@ class Run:
                 spawner=spawner,
                 queue=queue,
                 beat=beat,
-                env=env or {},
+                # Benchmarks measure the machinery, not the fair limits: no rate limit and
+                # no cap on sessions unless a benchmark sets its own.
+                env={"HUBLAUNCH_CLIENT_RATE": "0", "HUBLAUNCH_MAX_ACTIVE": "100000", **(env or {})},
             )
         )
         print(f"{label}starting the stack ({database.kind}; logs in {stack.logs}) ...", flush=True)

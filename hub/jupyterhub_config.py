@@ -7,9 +7,12 @@ Secrets come from the environment only: HUBLAUNCH_HUB_API_TOKEN (the service tok
 CONFIGPROXY_AUTH_TOKEN (read by the Hub and the proxy themselves).
 """
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 from hub.redact import install as redact_tokens_in_logs
 
@@ -32,6 +35,44 @@ c.JupyterHub.hub_port = int(env.get("HUBLAUNCH_HUB_PORT", "8081"))
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env.get('HUBLAUNCH_PROXY_API_PORT', '8001')}"
 c.ConfigurableHTTPProxy.pid_file = str(data_dir / "proxy.pid")
 c.Spawner.ip = "127.0.0.1"
+
+# -- the proxy: malformed escapes in paths ------------------------------------------
+# configurable-http-proxy decodes a request's path (decodeURIComponent) to find its route, and a
+# malformed escape (/build/image/%zz, or %ff, which is no UTF-8) makes that throw: the proxy
+# answers 500 itself, whatever the app would have said (its --error-target only changes that
+# page's body, never its status). So the proxy is started with a module loaded before it that
+# looks such a path up still escaped: the request reaches its route (the app, which answers 404
+# or one failed event) unchanged. Without node or the proxy's package (a proxy elsewhere),
+# JupyterHub's own command is kept; docs/fuzzing.md has the nginx rule that does the same.
+PROXY_LOOKUP_PATCH = """
+import { ConfigurableProxy } from %s;
+const lookup = ConfigurableProxy.prototype.targetForReq;
+ConfigurableProxy.prototype.targetForReq = async function (req) {
+  try {
+    return await lookup.call(this, req);
+  } catch (e) {
+    if (!(e instanceof URIError)) throw e;
+    const escaped = req.url.replaceAll("%%", "%%25");
+    return lookup.call(this, Object.create(req, { url: { value: escaped } }));
+  }
+};
+"""
+
+
+def proxy_command() -> list[str] | None:
+    found, node = shutil.which("configurable-http-proxy"), shutil.which("node")
+    if found is None or node is None:
+        return None
+    script = Path(found).resolve()
+    library = script.parent.parent / "lib" / "configproxy.js"
+    if not library.is_file():
+        return None
+    patch = PROXY_LOOKUP_PATCH % json.dumps(library.as_uri())
+    return [node, "--import", "data:text/javascript," + quote(patch), str(script)]
+
+
+if (command := proxy_command()) is not None:
+    c.ConfigurableHTTPProxy.command = command
 
 # -- API-only mode ---------------------------------------------------------------
 c.JupyterHub.hub_routespec = "/hub/api/"
@@ -84,6 +125,17 @@ c.JupyterHub.spawner_class = {
     "fake": "hub.spawners.FakeSpawner",
     "docker": "dockerspawner.DockerSpawner",  # docker-compose.yml: see the end of this file
 }[spawner]
+if spawner == "fake":
+    # Fault tests: a slow server, and images whose first N servers die while starting
+    # (HUBLAUNCH_FAKE_FAILING_STARTS="flaky:2,broken:1000").
+    c.FakeSpawner.start_delay = float(env.get("HUBLAUNCH_FAKE_START_DELAY", "0"))
+    c.FakeSpawner.failing_starts = {
+        image: int(count)
+        for image, _, count in (
+            item.partition(":") for item in env.get("HUBLAUNCH_FAKE_FAILING_STARTS", "").split(",")
+        )
+        if image and count.isdigit()
+    }
 if spawner == "sandbox":
     from sandbox.box import unavailable
 

@@ -390,15 +390,27 @@ class FakeSpawner(ImageChoice, Spawner):  # type: ignore[misc]
     """An HTTP server inside the Hub process: starts in milliseconds, runs nothing."""
 
     start_delay = Float(0.0, config=True, help="Seconds start() takes, to mimic a slow server.")
+    failing_starts = Dict(
+        value_trait=Integer(),
+        config=True,
+        help="Image -> how many of a user's servers of that image die while starting (fault "
+        "tests: a server that fails a few times, or always); known to the fake spawner only.",
+    )
 
     _http: HTTPServer | None = None
+    _starts: ClassVar[dict[str, int]] = {}  # user -> servers started (this Hub process)
 
     async def start(self) -> tuple[str, int]:
         import asyncio
 
-        self.chosen_environment()
+        failing = self.failing_starts.get(self.image)
+        if failing is None:
+            self.chosen_environment()
         if self.start_delay:
             await asyncio.sleep(self.start_delay)
+        starts = self._starts[self.user.name] = self._starts.get(self.user.name, 0) + 1
+        if failing is not None and starts <= failing:
+            raise RuntimeError(f"the server died while starting (start {starts})")
         app = web.Application([(r"/(.*)", _FakeServerHandler)], username=self.user.name)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -128,6 +128,7 @@ class StackConfig:
     spawner: str = "sandbox"  # "sandbox" (real servers, boxed), "local" (unboxed) or "fake"
     queue: str = "launches"
     worker_concurrency: int = 16
+    worker_pool: str = "threads"  # "prefork": tasks run in child processes (fault tests)
     beat: bool = True
     hub: bool = True  # False: no Hub at all (tests of "Hub down")
     env: dict[str, str] = field(default_factory=dict)
@@ -245,9 +246,7 @@ class Stack:
                 "hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)]
             )
         self._spawn("api", [*hublaunch, "api", "--port", str(self.app_port)])
-        self._spawn(
-            "worker", [*hublaunch, "worker", "--concurrency", str(self.config.worker_concurrency)]
-        )
+        self._spawn("worker", [*hublaunch, "worker", *self._worker_options()])
         deadline = time.monotonic() + timeout
         try:
             self.wait_ready(timeout)
@@ -343,6 +342,36 @@ class Stack:
                     proc.wait()
             # Forgotten only once gone: a stop that is interrupted leaves it for the next stop.
             del self.procs[n]
+
+    def _worker_options(self) -> list[str]:
+        c = self.config
+        return ["--concurrency", str(c.worker_concurrency), "--pool", c.worker_pool]
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to child ``name`` and every process of its group (no clean shutdown),
+        and wait until the child is gone; ``start_child`` runs it again."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def start_child(self, name: str) -> None:
+        """Run child ``name`` again after ``kill`` or ``stop(name)``, and wait until it is up."""
+        hublaunch = [sys.executable, "-m", "hublaunch.cli"]
+        deadline = time.monotonic() + 60
+        if name == "worker":
+            self._spawn("worker", [*hublaunch, "worker", *self._worker_options()])
+            self._wait_log("worker", b"ready.", deadline)
+        elif name == "beat":
+            self._spawn("beat", [*hublaunch, "beat"])
+            self._wait_log("beat", b"beat: Starting...", deadline)
+        elif name == "hub":
+            self._spawn(
+                "hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)]
+            )
+            self.wait_ready(60)
+        else:
+            raise ValueError(f"start_child runs the worker, beat or the Hub, not {name!r}")
 
     def restart(self, name: str) -> None:
         args = self.procs[name].args

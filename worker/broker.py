@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 LAUNCH_TASK = "hublaunch.launch"
 TEARDOWN_TASK = "hublaunch.teardown"
 CULL_TASK = "hublaunch.cull"
+RECOVER_TASK = "hublaunch.recover"
 BUILD_TASK = "hublaunch.build"
 
 
@@ -83,3 +84,13 @@ class CeleryBroker:
             )
         except (OperationalError, ConnectionError, OSError) as e:
             raise QueueUnavailable(str(e)) from e
+
+
+# -- abandoned /build launches (worker/abandon.py) ----------------------------------------------
+
+ABANDON_TASK = "hublaunch.abandon"
+
+
+def abandon_message(launch_id: str, *, countdown: float) -> Message:
+    """End the launch after ``countdown`` s if no one watches it again by then."""
+    return Message(ABANDON_TASK, launch_id, countdown)

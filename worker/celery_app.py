@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
-from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, TEARDOWN_TASK
+from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, RECOVER_TASK, TEARDOWN_TASK
 from worker.db import dispose_all
 from worker.logs import bind_build, bind_launch, configure, configured
 from worker.settings import Settings, get_settings
@@ -47,7 +47,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.cull_interval,
                 # A pass that waited past the next one is pointless: drop it.
                 "options": {"expires": settings.cull_interval},
-            }
+            },
+            # A launch whose worker died is sent again within seconds (worker.claims).
+            "recover-launches": {
+                "task": RECOVER_TASK,
+                "schedule": settings.recover_interval,
+                "options": {"expires": settings.recover_interval},
+            },
         },
         "include": ["worker.tasks"],
     }

@@ -273,7 +273,9 @@ class HubClient:
     def start_server(self, name: str, user_options: dict[str, Any]) -> bool:
         """Ask for the default server. True when it is ready already, False when pending.
 
-        "already running" on a retry counts as ready; "pending spawn" as pending.
+        "already running" on a retry counts as ready; "pending spawn" (a run that died while
+        the Hub was starting it, sent again) as pending; "pending stop" (the last try's server
+        still stopping) as a Hub to wait for.
         """
         try:
             response = self._request(
@@ -282,6 +284,10 @@ class HubClient:
         except HubRequestError as e:
             if e.status == 400 and "already running" in e.detail:
                 return True
+            if e.status == 400 and "is pending spawn" in e.detail:
+                return False
+            if e.status == 400 and "is pending stop" in e.detail:
+                raise HubUnavailable(e.message, status=e.status, detail=e.detail) from e
             raise
         return response.status_code == 201
 

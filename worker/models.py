@@ -69,6 +69,8 @@ class EndReason(enum.StrEnum):
     gone = "gone"
     # The sandbox ended the session: it went past its memory limit.
     out_of_memory = "out_of_memory"
+    # A /build launch whose visitor left (the event stream closed) before it was ready.
+    abandoned = "abandoned"
 
 
 Timestamp = DateTime(timezone=True)
@@ -124,6 +126,13 @@ class Launch(Base):
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # A cleanup pass holds the row until then, so overlapping passes never act on it twice.
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The launch task run working on it (worker.claims): held while the run lives, kept alive
+    # by its process's heartbeat. Past ``claim_expires_at`` the run is taken for dead (or its
+    # retry for lost) and the launch is sent again.
+    claimed_by: Mapped[str | None] = mapped_column(String(32))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Servers started for this launch that did not come up (each try gets a fresh one).
+    spawn_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         # Rows whose Hub user may still exist: everything live plus owed removals. Every query

@@ -18,7 +18,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sandbox.egress import leads_to
 from worker.settings import Settings
@@ -73,7 +73,7 @@ def normalize(repo: str, ref: str | None, settings: Settings) -> RepoSpec:
     # cannot pin it to the checked address and a DNS change could point it inside; it is also
     # unencrypted. Local mode checks no address, so it may use it.
     allowed = {"https"} | ({"http", "file", "git"} if settings.allow_local_repos else set())
-    parts = urlsplit(repo)
+    parts = split_url(repo)
     if parts.scheme == "git" and "git" not in allowed:
         raise SpecError(
             "git:// URLs are not accepted (unencrypted, and their connection cannot be pinned "
@@ -94,9 +94,28 @@ def normalize(repo: str, ref: str | None, settings: Settings) -> RepoSpec:
     return spec
 
 
+def split_url(url: str) -> SplitResult:
+    """``urlsplit``, with what it (or reading ``.port`` and ``.hostname`` later) would raise a
+    ValueError for said as a SpecError: an unclosed ``[``, a bracketed host that is no IP
+    address, a port that is not a number from 0 to 65535. Once a URL has passed here, reading
+    its host and port cannot fail."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.hostname
+        port = parts.port
+    except ValueError as e:
+        raise SpecError(f"repo URL cannot be read ({e}); {_URL_FORM}") from e
+    if port == 0:
+        raise SpecError(f"repo URL port must be from 1 to 65535; {_URL_FORM}")
+    return parts
+
+
+_URL_FORM = "write it as https://host[:port]/owner/repo"
+
+
 def check_host(url: str, settings: Settings) -> list[str]:
     """Resolve the URL's host and refuse non-public addresses; returns the addresses."""
-    parts = urlsplit(url)
+    parts = split_url(url)
     if parts.scheme == "file":
         return []
     host = parts.hostname or ""
@@ -140,7 +159,7 @@ def git_options(url: str, addresses: list[str], settings: Settings) -> list[str]
     options = ["-c", "http.followRedirects=false", "-c", "protocol.ext.allow=never"]
     if not settings.allow_local_repos:
         options += ["-c", "protocol.file.allow=never", "-c", "protocol.git.allow=never"]
-    parts = urlsplit(url)
+    parts = split_url(url)
     host = parts.hostname or ""
     # An IP literal is never looked up, so there is nothing to pin (and curl cannot parse an
     # entry whose HOST is an IPv6 literal). IPv6 addresses are bracketed, the form curl

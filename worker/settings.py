@@ -23,6 +23,13 @@ class Settings(BaseSettings):
     user_prefix: str = "hl-"
     session_max_age: int = Field(21600, gt=0)
     launch_timeout: int = Field(600, gt=0)
+    # Caps on sessions holding (or about to hold) a Hub server, all together and per spec (an
+    # image, or a repository whatever its ref); a launch over a cap waits in line up to
+    # max_wait s. 0 derives the cap from this machine's memory and CPUs (worker/admission.py,
+    # docs/capacity.md); the per-spec default is half the total.
+    max_active: int = Field(0, ge=0)
+    max_active_per_spec: int = Field(0, ge=0)
+    max_wait: int = Field(600, gt=0)
     # Fernet key for tokens at rest; when empty a key file is created under DATA_DIR (dev only).
     secret_key: SecretStr = SecretStr("")
     secret_key_file: Path = DATA_DIR / "secret.key"
@@ -35,12 +42,22 @@ class Settings(BaseSettings):
     hub_request_timeout: float = Field(10.0, gt=0)
     # Cleanup: one pass every cull_interval s (beat). Ready sessions idle longer than
     # idle_timeout s end; prefixed Hub users with no live launch are deleted once older than
-    # orphan_grace s; launches silent for redispatch_after s are sent to the queue again.
+    # orphan_grace s; launches silent for redispatch_after s (or never taken by a worker that
+    # long after they were made: their message may be lost) are sent to the queue again.
     cull_interval: float = Field(60.0, gt=0)
     idle_timeout: int = Field(600, gt=0)
     cull_concurrency: int = Field(16, gt=0, le=256)
     orphan_grace: int = Field(300, ge=0)
-    redispatch_after: int = Field(120, gt=0)
+    redispatch_after: int = Field(30, gt=0)
+    # Recovery (worker.claims): a launch task run holds its launch for launch_lease s at a time,
+    # extended by its process's heartbeat; every recover_interval s (beat) a launch whose run
+    # stopped holding it (a dead worker, a lost retry) is sent again. A launch whose worker
+    # died resumes within about launch_lease + recover_interval s.
+    launch_lease: float = Field(10.0, ge=3)
+    recover_interval: float = Field(5.0, gt=0)
+    # A server that fails to come up for a reason that can pass (a timeout, a server that
+    # died, the Hub's 5xx) is replaced by a fresh one, up to spawn_tries servers in all.
+    spawn_tries: int = Field(4, ge=1, le=20)
     beat_schedule_file: Path = DATA_DIR / "celerybeat-schedule"
     # Repository launches. http:// and file:// URLs and hosts on loopback or private networks are
     # refused unless allow_local_repos is set (tests, development).
@@ -88,6 +105,26 @@ class Settings(BaseSettings):
     cors_allow_origin: str = "*"
     # Addresses whose X-Forwarded-* headers the API trusts (the proxy), comma-separated.
     forwarded_allow_ips: str = "127.0.0.1"
+    # Launches one client (address) may start: "<n>/<second|minute|hour>"; "0" or empty = no
+    # limit. Counted in Redis across every app process; a resumed /build stream is not counted.
+    client_rate: str = "10/minute"
+    # Seconds a /build launch not yet ready may stay without a watcher before it is ended (the
+    # visitor closed the page); a reconnect within it keeps the launch.
+    build_watch_grace: float = Field(30.0, ge=0)
+
+    @field_validator("client_rate")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text in ("", "0"):
+            return ""
+        count, sep, period = text.partition("/")
+        if not sep or not count.isdigit() or period not in ("second", "minute", "hour"):
+            raise ValueError(
+                f"client_rate {value!r} must read <n>/<second|minute|hour> (e.g. 10/minute), "
+                "or 0 for no limit"
+            )
+        return "" if int(count) == 0 else f"{int(count)}/{period}"
 
     @field_validator("hub_api_url", "public_url")
     @classmethod

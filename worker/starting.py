@@ -14,11 +14,13 @@ import logging
 import time
 from datetime import timedelta
 
-from worker import builds, transitions
+from sqlalchemy.exc import OperationalError
+
+from worker import admission, builds, transitions
 from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
-from worker.hub_client import HubRequestError, HubUnavailable
+from worker.hub_client import HubError, HubRequestError, HubSpawnFailed, HubUnavailable
 from worker.logs import bind_user
 from worker.models import Build, Phase, Status
 from worker.outcome import DONE, Outcome, backoff, handoff
@@ -59,13 +61,14 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
             remaining = (ctx.deadline(launch) - ctx.clock()).total_seconds()
             if remaining > 0:
                 # Never sleep past the deadline: the last try happens in time to report it.
-                delay = min(backoff(attempt, retry_after=e.retry_after), remaining)
+                # Capped at 10 s: a visitor waits at most that long once the Hub is back.
+                delay = min(backoff(attempt, retry_after=e.retry_after, cap=10.0), remaining)
                 log.warning("launch %s: %s; retrying in %.1fs", launch_id, e.message, delay)
                 transitions.note(
                     uow,
                     launch,
                     Phase.launching,
-                    f"Waiting for the Hub ({e.detail}); retrying in {delay:.1f} s",
+                    _waiting_message(e, delay),
                     data={"problem": e.message},
                     now=ctx.clock(),
                 )
@@ -88,10 +91,22 @@ def advance(ctx: WorkerContext, launch_id: str, *, attempt: int = 0) -> Outcome:
         # later run (this retry, or the cleanup pass's re-send) picks the launch up again.
         log.warning("launch %s: queue unavailable: %s", launch_id, e)
         return Outcome(retry_in=backoff(attempt))
+    except OperationalError as e:
+        # The database went away mid-step (a restart, a dropped connection): every step is
+        # safe to run again, and the next try gets a fresh connection.
+        log.warning("launch %s: database unavailable: %s", launch_id, type(e.orig).__name__)
+        return Outcome(retry_in=backoff(attempt))
     except Exception:
         log.exception("launch %s: unexpected error", launch_id)
         message = "The launch failed because of an internal error; try again."
         return _fail(ctx, launch_id, message, FailReason.internal_error)
+
+
+def _waiting_message(e: HubUnavailable, delay: float) -> str:
+    if e.status == 429:
+        # The Hub's spawn limit: busy, not broken; the visitor needs no status code.
+        return f"The Hub is busy starting other servers; yours starts in {delay:.1f} s"
+    return f"Waiting for the Hub ({e.detail}); retrying in {delay:.1f} s"
 
 
 def _timeout(ctx: WorkerContext) -> int:
@@ -122,6 +137,10 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         if isinstance(image_or_wait, Outcome):
             return image_or_wait
         image = image_or_wait
+    # Over the caps on active sessions the launch waits in line; admitted, it is launching.
+    waiting = admission.admit(ctx, launch_id)
+    if waiting is not None:
+        return waiting
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.is_terminal:
@@ -137,18 +156,73 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
             now=now,
         )
         deadline = ctx.deadline(launch)
+        # After a failed spawn, JupyterHub (6.1) may answer the next start with 201 while that
+        # server is still starting (it reads the failed spawner it replaced): follow the
+        # progress stream then, which says ready, or failed, for the server really there.
+        confirm = launch.spawn_failures > 0
         uow.notify(launch_id)
 
     bind_user(name)  # the rest of this launch's lines name its Hub user
     spawn_started = time.monotonic()
     ctx.hub.create_user(name)
-    ready = ctx.hub.start_server(name, {"image": image})
-    if not ready:
-        remaining = (deadline - ctx.clock()).total_seconds()
-        ctx.hub.wait_ready(
-            name, timeout=max(remaining, 0.1), on_progress=lambda m: _progress(ctx, launch_id, m)
-        )
+    try:
+        ready = ctx.hub.start_server(name, {"image": image})
+        if not ready or confirm:
+            remaining = (deadline - ctx.clock()).total_seconds()
+            ctx.hub.wait_ready(
+                name,
+                timeout=max(remaining, 0.1),
+                on_progress=lambda m: _progress(ctx, launch_id, m),
+            )
+    except (HubSpawnFailed, HubUnavailable) as e:
+        if not _server_failed(e):
+            raise
+        return _spawn_again(ctx, launch_id, name, e)
     return _issue_token(ctx, launch_id, name, time.monotonic() - spawn_started)
+
+
+# The Hub's words for an image it cannot run (hub/spawners.py UnknownImage): no new server
+# will change that.
+UNKNOWN_IMAGE = "Unknown image"
+
+
+def _server_failed(e: HubSpawnFailed | HubUnavailable) -> bool:
+    """Whether this server failed in a way a fresh one may not: it died or timed out while
+    starting (the progress stream says "failed"), or the Hub's spawn raised (a 500). A Hub
+    that is away or busy (connection errors, 502-504, 429) is waited for instead."""
+    if isinstance(e, HubSpawnFailed):
+        return UNKNOWN_IMAGE not in e.detail
+    return e.status == 500
+
+
+def _spawn_again(ctx: WorkerContext, launch_id: str, name: str, e: HubError) -> Outcome:
+    """Count the failed server; start a fresh one shortly, or fail after the last try."""
+    detail = e.detail or e.message
+    log.warning("launch %s: the server did not start: %s", launch_id, e.message)
+    # The failed server is stopped before the next try (JupyterHub stops it itself after a
+    # failed spawn; this also covers a server that started too late).
+    if not ctx.hub.stop_server(name):
+        log.info("launch %s: the failed server is still stopping", launch_id)
+    tries = ctx.settings.spawn_tries
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.status != Status.launching:
+            return DONE
+        remaining = (ctx.deadline(launch) - ctx.clock()).total_seconds()
+        failures = transitions.spawn_failed(uow, launch, detail, tries=tries, now=ctx.clock())
+    if failures >= tries or remaining < SPAWN_RETRY_DELAY:
+        attempts = "once" if failures == 1 else f"{failures} times"
+        message = f"The server could not be started ({attempts}): {_short(detail)}"
+        return _fail(ctx, launch_id, message, FailReason.spawn_failed)
+    return Outcome(retry_in=SPAWN_RETRY_DELAY)
+
+
+# Seconds before the next server is started: time for the Hub to finish stopping the last.
+SPAWN_RETRY_DELAY = 1.0
+
+
+def _short(detail: str) -> str:
+    return detail.removeprefix("Spawn failed: ")
 
 
 def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
@@ -248,4 +322,4 @@ def _fail(ctx: WorkerContext, launch_id: str, message: str, reason: FailReason) 
 
 
 def _user_message(e: HubRequestError) -> str:
-    return f"The server could not be started: {e.detail.removeprefix('Spawn failed: ')}"
+    return f"The server could not be started: {_short(e.detail)}"

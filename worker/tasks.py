@@ -6,10 +6,18 @@ the environment a build makes.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from worker import builds, cull, starting, teardown
-from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, TEARDOWN_TASK, teardown_message
+from worker import builds, claims, cull, starting, teardown
+from worker.broker import (
+    BUILD_TASK,
+    CULL_TASK,
+    LAUNCH_TASK,
+    RECOVER_TASK,
+    TEARDOWN_TASK,
+    teardown_message,
+)
 from worker.celery_app import app
 from worker.context import worker_context
 from worker.logs import bind_build, bind_launch
@@ -20,7 +28,12 @@ from worker.logs import bind_build, bind_launch
 def launch(self: Any, launch_id: str) -> None:
     with bind_launch(launch_id):
         ctx = worker_context()
-        outcome = starting.advance(ctx, launch_id, attempt=self.request.retries)
+        lease = timedelta(seconds=ctx.settings.launch_lease)
+        with claims.running(ctx.units, launch_id, lease=lease, clock=ctx.clock) as run:
+            if not run.held:
+                return  # a live run has it (a duplicate or re-sent message): that run finishes
+            outcome = starting.advance(ctx, launch_id, attempt=self.request.retries)
+            run.done(outcome)
         if outcome.teardown_in is not None:
             # The removal continues in its own task; nothing to commit, so the unit only sends.
             with ctx.units.begin() as uow:
@@ -44,6 +57,14 @@ def cleanup() -> int:
     return len(cull.cull_pass(worker_context()))
 
 
+# Cheap (one UPDATE), so it runs every few seconds; a lost sweep is simply done by the next.
+@app.task(name=RECOVER_TASK, acks_late=False, soft_time_limit=60, time_limit=90)
+def recover() -> int:
+    ctx = worker_context()
+    unclaimed_after = timedelta(seconds=ctx.settings.redispatch_after)
+    return len(claims.recover(ctx.units, now=ctx.clock(), unclaimed_after=unclaimed_after))
+
+
 # Builds are long and not safe to run twice at once; the builds row (heartbeat) is what
 # detects a dead build worker, so the message is acknowledged when the task starts.
 @app.task(name=BUILD_TASK, acks_late=False, soft_time_limit=None, time_limit=None)
@@ -54,3 +75,20 @@ def build(name: str) -> None:
         builds.run_build(ctx.units, builder, name, clock=ctx.clock)
         # Its lines name the environments it removes; ``env`` is the build that needed room.
         builds.evict(ctx.units, builder, ctx.settings.envs_disk_budget, clock=ctx.clock)
+
+
+# Appended here, not in the imports above: other changes to this module are in flight.
+from worker import abandon as abandoned  # noqa: E402
+from worker.broker import ABANDON_TASK  # noqa: E402
+
+
+# A /build launch whose watchers all left: ended unless one came back (worker/abandon.py).
+@app.task(name=ABANDON_TASK, bind=True, max_retries=100)
+def abandon(self: Any, launch_id: str) -> None:
+    with bind_launch(launch_id):
+        ctx = worker_context()
+        outcome = abandoned.end_if_abandoned(
+            ctx.settings, ctx.units, launch_id, now=ctx.clock(), attempt=self.request.retries
+        )
+        if outcome.retry_in is not None:
+            raise self.retry(countdown=outcome.retry_in)

@@ -52,11 +52,14 @@ class FailReason(enum.StrEnum):
     """Why a launch failed, for the metrics (the visitor reads the message)."""
 
     hub_refused = "hub_refused"
+    spawn_failed = "spawn_failed"
     timeout = "timeout"
     build_failed = "build_failed"
     unresolvable = "unresolvable"
     queue_unavailable = "queue_unavailable"
     internal_error = "internal_error"
+    # Over the caps on active sessions for longer than max_wait (worker/admission.py).
+    capacity = "capacity"
 
 
 # Repository hosts named in the metrics; any other is "git", so a visitor cannot add series.
@@ -153,6 +156,25 @@ def note(
     if progress:
         launch.updated_at = now
     uow.notify(launch.id)
+
+
+def spawn_failed(uow: UnitOfWork, launch: Launch, detail: str, *, tries: int, now: datetime) -> int:
+    """A server of this ``launching`` launch did not come up: counted, and announced with what
+    happens next. Returns how many have failed (the caller fails the launch at ``tries``)."""
+    failures = launch.spawn_failures + 1
+    launch.spawn_failures = failures
+    launch.updated_at = now
+    short = detail.removeprefix("Spawn failed: ")
+    if failures < tries:
+        message = (
+            f"The server did not start ({short}); starting a fresh one "
+            f"(try {failures + 1} of {tries})"
+        )
+    else:
+        message = f"The server did not start ({short})"
+    data = {"spawn_failures": failures, "tries": tries}
+    note(uow, launch, Phase.launching, message, now=now, data=data)
+    return failures
 
 
 def _event(
@@ -363,6 +385,29 @@ def request_end(uow: UnitOfWork, launch: Launch, *, now: datetime) -> bool:
     return launch.status in (Status.ready, Status.failed, Status.ended)
 
 
+def request_abandoned_end(uow: UnitOfWork, launch_id: str, *, now: datetime) -> bool | None:
+    """End a launch that is still starting because nobody watches it any more (reason
+    ``abandoned``). None when it is not starting or its end was already asked for; otherwise
+    whether a teardown must be sent, as for ``request_end``."""
+    asked = rowcount(
+        uow.db,
+        bulk_update(Launch)
+        .where(
+            Launch.id == launch_id,
+            Launch.status.in_(STARTING),
+            Launch.end_requested_at.is_(None),
+        )
+        .values(end_requested_at=now, end_reason=EndReason.abandoned, updated_at=now),
+    )
+    if not asked:
+        return None
+    launch = uow.db.get(Launch, launch_id)
+    if launch is None:
+        return None
+    uow.db.refresh(launch)
+    return launch.status in (Status.ready, Status.failed, Status.ended)
+
+
 def mark_user_removed(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None:
     """The Hub user is confirmed gone: nothing is owed any more. A launch not yet final ends."""
     launch.user_removed_at = now
@@ -472,3 +517,48 @@ def resend_quiet(uow: UnitOfWork, where: ColumnElement[bool], *, now: datetime) 
     for launch_id, _user, _spec in claimed:
         uow.send(launch_message(launch_id))
     return [(launch_id, user) for launch_id, user, _spec in claimed]
+
+
+# -- the waiting line (worker/admission.py decides who waits) ------------------------------
+
+# The events of a launch waiting for a free slot start so (the queued event does not).
+SLOT_WAIT = "Waiting for a free slot"
+
+
+def slot_message(position: int) -> str:
+    if position == 0:
+        return f"{SLOT_WAIT}: you are next"
+    return f"{SLOT_WAIT}: {position} launch{'es' if position != 1 else ''} ahead of you"
+
+
+def capacity_message(waited: float) -> str:
+    return f"The service is at capacity: waited {waited:.0f} s for a free slot; try again later."
+
+
+def wait_for_slot(
+    uow: UnitOfWork,
+    launch: Launch,
+    *,
+    position: int,
+    announce: bool,
+    deadline: datetime,
+    now: datetime,
+) -> None:
+    """A launch not yet launching waits in line: its deadline moves to ``deadline`` (never
+    earlier), so the cleanup pass does not take a launch that waits for its turn for a stuck
+    one, and ``updated_at`` to now, so it is not re-sent as lost. ``announce``: its place
+    changed, and an event tells watchers how many launches are ahead of it."""
+    if launch.status not in (Status.queued, Status.building):
+        raise IllegalTransition(launch.id, launch.status, Status.launching)
+    current = launch.deadline_at
+    launch.deadline_at = deadline if current is None else max(as_utc(current), deadline)
+    launch.updated_at = now
+    if announce:
+        note(
+            uow,
+            launch,
+            Phase.waiting,
+            slot_message(position),
+            data={"position": position},
+            now=now,
+        )

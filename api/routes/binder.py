@@ -12,8 +12,9 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from api import binder, intake
 from api.deps import SettingsDep, UnitsDep
-from api.events import event_stream
+from api.events import event_stream, parse_event_id
 from api.pages import page
+from api.schemas import RATE_LIMITED_STREAM, event_stream_response
 from worker import queries, repos
 from worker.db import reading
 from worker.settings import Settings
@@ -77,8 +78,21 @@ def cors_headers(settings: Settings, origin: str | None) -> dict[str, str]:
 @router.get(
     "/build/{provider}/{spec:path}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: event_stream_response(
+            "The launch's events until `ready` or `failed`; a spec that cannot be launched, or "
+            "a launch refused, is one `failed` event."
+        ),
+        404: {
+            "description": "The path holds a line break, which no spec can: the not-found page.",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        },
+        **RATE_LIMITED_STREAM,
+    },
     summary="BinderHub-compatible launch event stream",
+    # The handler reads the spec from the raw path (escaped slashes belong to it), so FastAPI
+    # cannot see these parameters; they are declared here.
+    openapi_extra={"parameters": binder.BUILD_PARAMETERS},
 )
 def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
     """Start a launch (or, for a reconnecting EventSource, resume its own) and stream its events
@@ -88,10 +102,33 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
         "X-Accel-Buffering": "no",
         **cors_headers(settings, request.headers.get("Origin")),
     }
+    # Here, not at the top: the module's imports are shared with other changes in flight.
+    import functools
+
+    import anyio
+
+    from api import ratelimit
+    from worker import abandon
+
     try:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
         launch_id, after = _resume(settings, request.headers.get("Last-Event-ID", ""), spec)
         if launch_id is None:
+            # Only a request that starts a launch is counted; a resumed stream (above) never is.
+            verdict, rate = ratelimit.check(settings, ratelimit.client_address(request, settings))
+            if not verdict.allowed and rate is not None:
+                # 429 + Retry-After, and the body still BinderHub's one ``failed`` event:
+                # fetch-based clients (binderhub-client's fetch-event-source) read a body of
+                # type text/event-stream whatever the status and show the sentence; a browser
+                # EventSource fails on a non-200 *without reconnecting*, which is what a
+                # refused launch needs (a 200 would end the stream and make it reconnect, and
+                # be refused, again and again); proxies, crawlers and scripts see the 429.
+                return StreamingResponse(
+                    _one_failure(verdict.message(rate)),
+                    status_code=429,
+                    media_type="text/event-stream",
+                    headers={**headers, "Retry-After": str(verdict.retry_after)},
+                )
             launch_id, after = intake.accept(units, settings, spec.request()).id, 0
     except (binder.BadSpec, intake.Refused) as e:
         message = e.message if isinstance(e, intake.Refused) else str(e)
@@ -99,7 +136,30 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
             _one_failure(message), media_type="text/event-stream", headers=headers
         )
     stream = event_stream(settings, launch_id, after_id=after, id_prefix=f"{launch_id}:")
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    watched_id = launch_id
+
+    async def watched() -> AsyncIterator[str]:
+        """The stream, counted as a watcher of the launch (worker/abandon.py): a launch whose
+        last watcher left before the end is ended after the grace period."""
+        counted = await anyio.to_thread.run_sync(abandon.joined, settings, watched_id)
+        finished = False
+        try:
+            async for chunk in stream:
+                yield chunk
+            finished = True
+        finally:
+            # Shielded: a visitor who leaves cancels this task, and the count must still drop.
+            with anyio.CancelScope(shield=True):
+                close = getattr(stream, "aclose", None)  # typed as an iterator; it is a generator
+                if close is not None:
+                    await close()
+                if counted:
+                    leave = functools.partial(
+                        abandon.left, settings, units, watched_id, finished=finished
+                    )
+                    await anyio.to_thread.run_sync(leave)
+
+    return StreamingResponse(watched(), media_type="text/event-stream", headers=headers)
 
 
 def _resume(
@@ -108,15 +168,18 @@ def _resume(
     """A reconnect carries ``<launch id>:<event id>``: continue that launch, never start another
     (BinderHub once launched twice here). Anything else starts a new launch."""
     launch_id, _, seen = last_event_id.partition(":")
-    if not launch_id or not seen.isdigit():
+    after = parse_event_id(seen)
+    if not launch_id or after is None:
         return None, 0
+    try:
+        wanted = binder.link_for(_normalized(settings, spec))
+    except repos.SpecError:
+        return None, 0  # a new launch, refused with the spec's own message
     with reading(settings.database_url) as db:
         launch = queries.get_launch(db, launch_id)
-        if launch is None or binder.link_for(launch.spec) != binder.link_for(
-            _normalized(settings, spec)
-        ):
+        if launch is None or binder.link_for(launch.spec) != wanted:
             return None, 0
-    return launch_id, int(seen)
+    return launch_id, after
 
 
 def _normalized(settings: Settings, spec: binder.BinderSpec) -> dict[str, Any]:

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from api import intake
 from api.context import bind_path_launch
 from api.deps import DbDep, SettingsDep, UnitsDep
-from api.events import event_stream
-from api.schemas import LaunchAccepted, LaunchRequest, LaunchView, Problem
+from api.events import event_stream, parse_event_id
+from api.schemas import (
+    BANNED,
+    QUEUE_DOWN,
+    RATE_LIMITED,
+    LaunchAccepted,
+    LaunchRequest,
+    LaunchView,
+    Problem,
+    event_stream_response,
+)
 from worker import queries
 from worker.crypto import reveal
 from worker.db import as_utc, as_utc_or_none, reading
@@ -62,8 +71,10 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
     response_model=LaunchAccepted,
     responses={
         400: {"model": Problem, "description": "The body is not valid JSON."},
+        **BANNED,
         413: {"model": Problem, "description": "The body is too large."},
         422: {"model": Problem, "description": "The launch request is invalid."},
+        **RATE_LIMITED,
         503: {"model": Problem, "description": "The queue is unavailable; nothing was started."},
     },
 )
@@ -74,20 +85,60 @@ def create_launch(
     units: UnitsDep,
     settings: SettingsDep,
 ) -> LaunchAccepted:
+    # Here, not at the top: the module's imports are shared with other changes in flight.
+    from api import idempotency, ratelimit
+
+    # Nothing below touches the database before the rate check: a flood is answered from Redis.
+    client = ratelimit.client_address(request, settings)
+    key = request.headers.get(idempotency.HEADER)
+    claim: idempotency.Claim | None = None
+    store = ratelimit.shared_redis(settings) if key is not None else None
+    if key is not None:
+        try:
+            idempotency.check_key(key)
+            # Without Redis (the embedded dev queue) the key is checked but not kept.
+            found = store and idempotency.claim(
+                store, ratelimit.key_prefix(settings), client, key, body.model_dump(mode="json")
+            )
+        except idempotency.KeyProblem as e:
+            raise HTTPException(e.status, e.message) from e
+        if isinstance(found, idempotency.Replay):
+            accepted = LaunchAccepted.model_validate(found.answer)
+            response.headers["Location"] = accepted.status_url
+            response.headers["Idempotent-Replayed"] = "true"
+            return accepted
+        claim = found or None
     try:
+        # A replay above starts nothing, so only a request that would start a launch counts.
+        verdict, rate = ratelimit.check(settings, client)
+        if not verdict.allowed and rate is not None:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                verdict.message(rate),
+                headers={"Retry-After": str(verdict.retry_after)},
+            )
         launch = intake.accept(units, settings, body)
     except intake.Refused as e:
+        if claim is not None:
+            claim.release()
         raise HTTPException(e.status, e.message) from e
+    except BaseException:
+        if claim is not None:
+            claim.release()  # refused or broken: a retry with the key may try again
+        raise
     with bind_launch(launch.id):
         log.info("launch %s accepted (%s)", launch.id, "repo" if body.repo else "image")
     status_url = public_url(request, settings, "get_launch", launch_id=launch.id)
     response.headers["Location"] = status_url
-    return LaunchAccepted(
+    accepted = LaunchAccepted(
         id=launch.id,
         status=launch.status,
         status_url=status_url,
         events_url=public_url(request, settings, "launch_events", launch_id=launch.id),
     )
+    if claim is not None:
+        claim.complete(accepted.model_dump(mode="json"))
+    return accepted
 
 
 def public_url(request: Request, settings: Settings, name: str, **params: str) -> str:
@@ -107,16 +158,32 @@ def get_launch(launch_id: str, db: DbDep, settings: SettingsDep) -> LaunchView:
 @router.get(
     "/{launch_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **NOT_FOUND},
+    responses={
+        200: event_stream_response(
+            "The launch's events, after Last-Event-ID, until ready or failed."
+        ),
+        **NOT_FOUND,
+    },
 )
-def launch_events(launch_id: str, request: Request, settings: SettingsDep) -> Response:
+def launch_events(
+    launch_id: str,
+    settings: SettingsDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="The id of the last event seen: the stream resumes after it. "
+            "Anything but a number of up to 18 digits counts as none.",
+        ),
+    ] = None,
+) -> Response:
     # A short session of its own: a request-scoped one would stay open as long as the stream.
     with reading(settings.database_url) as db:
         if queries.get_launch(db, launch_id) is None:
             raise _not_found()
-    after = request.headers.get("Last-Event-ID", "0")
+    after = parse_event_id(last_event_id) or 0
     return StreamingResponse(
-        event_stream(settings, launch_id, after_id=int(after) if after.isdigit() else 0),
+        event_stream(settings, launch_id, after_id=after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -126,7 +193,7 @@ def launch_events(launch_id: str, request: Request, settings: SettingsDep) -> Re
     "/{launch_id}",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LaunchView,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **QUEUE_DOWN},
 )
 def end_launch(launch_id: str, units: UnitsDep, settings: SettingsDep) -> LaunchView:
     try:

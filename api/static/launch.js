@@ -27,6 +27,17 @@
         $("message").className = "error";
       }
     };
+    // A dropped connection is retried by the browser (CONNECTING); CLOSED means the service
+    // answered with an error status, such as 429 (too many launches from this address), whose
+    // body an EventSource cannot read.
+    source.onerror = function () {
+      if (source.readyState === EventSource.CLOSED) {
+        $("phase").textContent = "Launch failed";
+        $("message").textContent = "The launch service refused this launch (too many " +
+          "launches from your address, or it is unavailable). Wait a minute, then reload.";
+        $("message").className = "error";
+      }
+    };
     return source;
   }
 

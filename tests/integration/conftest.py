@@ -89,6 +89,12 @@ def start_stack(
     # An operator's admin account with the prefix: cleanup must never touch it.
     options["env"] = {"HUBLAUNCH_HUB_ADMIN_USERS": "hl-admin", **options.get("env", {})}
     options["env"].setdefault("HUBLAUNCH_ADMIN_TOKEN", secrets.token_urlsafe(32))
+    # Shared stacks hold many sessions across a run (no beat ends them): no waiting line there
+    # unless a test asks for one (tests/integration/test_waiting_line.py).
+    options["env"].setdefault("HUBLAUNCH_MAX_ACTIVE", "1000")
+    # Tests launch many sessions from 127.0.0.1: no rate limit on the shared stacks unless a test
+    # asks for one (tests/integration/test_limits.py).
+    options["env"].setdefault("HUBLAUNCH_CLIENT_RATE", "100000/minute")
     stack = Stack(
         StackConfig(
             data_dir=data_dir,

@@ -86,6 +86,8 @@ def settings(database_url: str) -> Settings:
         public_url="http://127.0.0.1:9999",
         launch_timeout=60,
         broker_url="memory://",
+        # The derived cap depends on the machine; tests of the waiting line set their own.
+        max_active=1000,
     )
 
 

@@ -12,6 +12,7 @@ from tests.unit.conftest import Clock
 from worker import transitions
 from worker.context import WorkerContext
 from worker.db import session_scope
+from worker.hub_client import HubSpawnFailed, HubUnavailable
 from worker.hub_users import remove_hub_user
 from worker.models import Launch, LaunchEvent, Status
 from worker.outcome import DONE, backoff
@@ -145,22 +146,121 @@ def test_unknown_image_fails_and_deletes_the_user(ctx: WorkerContext, hub: FakeH
     assert launch.user_removed_at is not None
 
 
-def test_spawn_failure_in_progress_fails_the_launch(ctx: WorkerContext, hub: FakeHub) -> None:
+def break_servers(hub: FakeHub, failures: int) -> list[str]:
+    """The next ``failures`` servers die while starting (the progress stream says "failed");
+    returns the users each start was for."""
+    hub.start_pending = True
+    original_start = hub.start_server
+    started: list[str] = []
+
+    def start(name: str, options: dict[str, Any]) -> bool:
+        original_start(name, options)
+        started.append(name)
+        if len(started) <= failures:
+            hub.users[name]["servers"][""] = "broken"
+        return False
+
+    hub.start_server = start  # type: ignore[method-assign]
+    return started
+
+
+def messages(ctx: WorkerContext, launch_id: str) -> list[str]:
+    with session_scope(ctx.settings.database_url) as db:
+        return list(
+            db.scalars(
+                select(LaunchEvent.message)
+                .where(LaunchEvent.launch_id == launch_id)
+                .order_by(LaunchEvent.id)
+            )
+        )
+
+
+def test_a_server_that_dies_is_replaced_and_each_try_announced(
+    ctx: WorkerContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+    started = break_servers(hub, failures=2)
+
+    assert advance(ctx, launch_id).retry_in is not None
+    assert advance(ctx, launch_id).retry_in is not None
+    assert advance(ctx, launch_id) == DONE
+
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.ready and launch.spawn_failures == 2
+    assert len(set(started)) == 1 and list(hub.users) == started[:1]  # one Hub user, 3 servers
+    said = messages(ctx, launch_id)
+    assert "The server did not start (boom); starting a fresh one (try 2 of 4)" in said
+    assert "The server did not start (boom); starting a fresh one (try 3 of 4)" in said
+
+
+def test_a_server_that_never_starts_fails_after_the_last_try(
+    ctx: WorkerContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+    started = break_servers(hub, failures=1000)
+
+    outcomes = [advance(ctx, launch_id) for _ in range(4)]
+
+    assert [o.retry_in is not None for o in outcomes] == [True, True, True, False]
+    launch, phases = load(ctx, launch_id)
+    assert launch.status == Status.failed and len(started) == 4
+    assert launch.error == "The server could not be started (4 times): boom"
+    assert phases[-1] == "failed" and hub.users == {}
+    assert advance(ctx, launch_id) == DONE and len(started) == 4  # a late message does nothing
+
+
+def test_a_spawn_failure_that_cannot_pass_fails_at_once(ctx: WorkerContext, hub: FakeHub) -> None:
     hub.start_pending = True
     launch_id = new_launch(ctx)
     original_start = hub.start_server
 
-    def start_broken(name: str, options: dict[str, Any]) -> bool:
+    def unknown_image_late(name: str, options: dict[str, Any]) -> bool:
         original_start(name, options)
         hub.users[name]["servers"][""] = "broken"
         return False
 
-    hub.start_server = start_broken  # type: ignore[method-assign]
-    advance(ctx, launch_id)
-    launch, phases = load(ctx, launch_id)
-    assert launch.status == Status.failed
-    assert launch.error == "The server could not be started: boom"
-    assert "launching" in phases and hub.users == {}
+    def wait_ready(name: str, **_: Any) -> str:
+        detail = "Spawn failed: Unknown image 'x'; this Hub can run: default"
+        raise HubSpawnFailed(f"progress: {detail}", detail=detail)
+
+    hub.start_server = unknown_image_late  # type: ignore[method-assign]
+    hub.wait_ready = wait_ready  # type: ignore[method-assign]
+    assert advance(ctx, launch_id) == DONE
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.failed and launch.spawn_failures == 0
+    assert launch.error == (
+        "The server could not be started: Unknown image 'x'; this Hub can run: default"
+    )
+
+
+def test_the_hubs_spawn_limit_is_waited_for_without_counting_a_try(
+    ctx: WorkerContext, hub: FakeHub
+) -> None:
+    launch_id = new_launch(ctx)
+    original_start = hub.start_server
+    busy = [True]
+
+    def start(name: str, options: dict[str, Any]) -> bool:
+        if busy.pop() if busy else False:
+            raise HubUnavailable(
+                "Hub answered 429: Too many users trying to log in right now.",
+                status=429,
+                detail="Too many users trying to log in right now.",
+                retry_after=3.0,
+            )
+        return original_start(name, options)
+
+    hub.start_server = start  # type: ignore[method-assign]
+    outcome = advance(ctx, launch_id)
+    assert outcome.retry_in is not None and outcome.retry_in >= 3.0
+    assert advance(ctx, launch_id) == DONE
+    launch, _ = load(ctx, launch_id)
+    assert launch.status == Status.ready and launch.spawn_failures == 0
+    said = messages(ctx, launch_id)
+    assert any(
+        m.startswith("The Hub is busy starting other servers; yours starts in") for m in said
+    )
+    assert not any("429" in m for m in said)
 
 
 def test_end_requested_while_launching_tears_down(ctx: WorkerContext, hub: FakeHub) -> None:

@@ -16,6 +16,8 @@ CELERY_MODULES = {"worker/celery_app.py", "worker/tasks.py", "worker/broker.py"}
 # orchestration (starting, teardown, cull, builds, tasks, context, hub_users) is the worker's.
 API_MAY_IMPORT = {
     "worker",
+    # The watcher count of /build streams (the API counts, the abandon task reads).
+    "worker.abandon",
     "worker.broker",
     "worker.crypto",
     "worker.db",

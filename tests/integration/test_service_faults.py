@@ -26,12 +26,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from hublaunch.stack import Stack, free_port
-from tests.integration.conftest import PG_ADMIN_URL, start_stack, wait_for
+from tests.integration.conftest import PG_ADMIN_URL, read_events, start_stack, wait_for
 from tests.integration.test_faults import (
     assert_one_hub_user_each,
     end_all_and_check_nothing_is_left,
     launch,
     phases_with_failures,
+    rows,
     statuses,
 )
 from worker.hub_client import HubClient
@@ -262,3 +263,54 @@ def _hublaunch() -> list[str]:
 def _log_lines(stack: Stack, marker: str) -> list[str]:
     text_ = (stack.logs / "worker.log").read_text(errors="replace")
     return [line for line in text_.splitlines() if marker in line]
+
+
+def test_a_launch_whose_deadline_passes_while_its_server_starts(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+) -> None:
+    """The launch timeout (4 s) runs out while the Hub still starts the server (6 s), with a
+    cleanup pass every second racing the launch task: the visitor gets one failed event
+    that says why, the Hub user goes, and nothing is left."""
+    stack = start_stack(
+        tmp_path_factory,
+        "deadline",
+        make_database("deadline"),
+        redis_url,
+        spawner="fake",
+        beat=True,
+        env={
+            "HUBLAUNCH_FAKE_START_DELAY": "6",
+            "HUBLAUNCH_LAUNCH_TIMEOUT": "4",
+            "HUBLAUNCH_CULL_INTERVAL": "1",
+            "HUBLAUNCH_CLIENT_RATE": "0",
+        },
+    )
+    try:
+        with httpx.Client(base_url=stack.public_url, timeout=30) as client:
+            launch_id = launch(client)
+            events = read_events(client, launch_id)
+            assert [e["phase"] for e in events].count("failed") == 1
+            assert events[-1]["phase"] == "failed"
+            assert "within 4 s" in events[-1]["message"], events[-1]["message"]
+            wait_for(
+                lambda: (
+                    statuses(stack, [launch_id]) == [Status.failed] and _removed(stack, launch_id)
+                ),
+                30,
+                "the user of the failed launch removed",
+            )
+        hub = HubClient(stack.hub_api_url, stack.hub_token)
+        try:
+            assert not [
+                u.name for u in hub.iter_users() if u.name.startswith("hl-") and not u.admin
+            ]
+        finally:
+            hub.close()
+    finally:
+        stack.stop()
+
+
+def _removed(stack: Stack, launch_id: str) -> bool:
+    return rows(stack, [launch_id])[launch_id].user_removed_at is not None

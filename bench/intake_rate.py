@@ -1,0 +1,206 @@
+"""Intake rate (issue 11): ``POST /api/launches`` accepted per second, against a bare endpoint.
+
+Three servers, each one uvicorn process with the same options (``hublaunch api``'s), on
+PostgreSQL and Redis, with no worker:
+
+* bare: a FastAPI app whose one route validates the same ``LaunchRequest`` body and answers 202;
+* hublaunch: the real app (limits lifted: the rate limit off, no Idempotency-Key sent);
+* hublaunch refusing: the real app with a rate limit of 1 an hour, so every POST after the first
+  is a 429 (what a flood gets).
+
+wrk (Debian's package) drives each with ``--connections`` connections for ``--seconds`` s, in the
+order bare, hublaunch, refusing, bare, hublaunch, refusing, so drift shows; rates are compared in
+the same run. The launches made are left in a throwaway database; their queue is deleted.
+
+    .venv/bin/python -m bench.intake_rate     # needs /usr/bin/wrk (apt-get install wrk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.common import BROKER_URL, bench_database, forget_queue, machine_info, print_info
+from hublaunch.stack import free_port
+from worker.migrate import upgrade
+
+BARE_APP = """
+from fastapi import FastAPI
+from api.schemas import LaunchRequest
+
+app = FastAPI()
+
+
+@app.post("/api/launches", status_code=202)
+def create(body: LaunchRequest) -> dict[str, str]:
+    return {"id": "x", "status": "queued"}
+"""
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"image": "default"}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
+TARGET_REFUSING_RATIO = 0.8
+
+
+@dataclass
+class Result:
+    label: str
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    statuses: str
+
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url: str, label: str, args: argparse.Namespace, script: Path) -> Result:
+    out = subprocess.run(
+        [
+            "wrk",
+            f"--threads={args.threads}",
+            f"--connections={args.connections}",
+            f"--duration={args.seconds}s",
+            "--latency",
+            "--script",
+            str(script),
+            f"{url}/api/launches",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + 60,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Result(label, rate, p50, p99, f"non-2xx {bad.group(1)}" if bad else "all 2xx")
+
+
+def serve(
+    app: str, port: int, env: dict[str, str], log: Path, factory: bool
+) -> subprocess.Popen[bytes]:
+    code = (
+        "import uvicorn; from hublaunch.cli import uvicorn_options; "
+        "from worker.settings import get_settings; "
+        f"uvicorn.run({app!r}, factory={factory}, host='127.0.0.1', port={port}, "
+        "**uvicorn_options(get_settings()))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{app} did not start; see {log}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="hublaunch-bench-intake-"))
+    queue = f"bench-intake-{os.getpid()}"
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    (tmp / "bare_app.py").write_text(BARE_APP)
+    procs: list[subprocess.Popen[bytes]] = []
+    results: list[Result] = []
+    try:
+        with bench_database() as db:
+            upgrade(db.url)
+            base_env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(tmp), str(Path.cwd())]),
+                "HUBLAUNCH_DATABASE_URL": db.url,
+                "HUBLAUNCH_BROKER_URL": BROKER_URL,
+                "HUBLAUNCH_QUEUE": queue,
+                "HUBLAUNCH_SECRET_KEY_FILE": str(tmp / "secret.key"),
+                "HUBLAUNCH_LOG_LEVEL": "WARNING",
+            }
+            ports = {"bare": free_port(), "hublaunch": free_port(), "refusing": free_port()}
+            procs.append(serve("bare_app:app", ports["bare"], base_env, tmp / "bare.log", False))
+            procs.append(
+                serve(
+                    "api.main:create_app",
+                    ports["hublaunch"],
+                    {**base_env, "HUBLAUNCH_CLIENT_RATE": "0"},
+                    tmp / "hublaunch.log",
+                    True,
+                )
+            )
+            procs.append(
+                serve(
+                    "api.main:create_app",
+                    ports["refusing"],
+                    {**base_env, "HUBLAUNCH_CLIENT_RATE": "1/hour"},
+                    tmp / "refusing.log",
+                    True,
+                )
+            )
+            for _ in range(2):
+                for label in ("bare", "hublaunch", "refusing"):
+                    result = run_wrk(f"http://127.0.0.1:{ports[label]}", label, args, script)
+                    results.append(result)
+                    print(
+                        f"  {label:<10} {result.rate:8.0f}/s  p50 {result.p50_ms:6.1f} ms  "
+                        f"p99 {result.p99_ms:6.1f} ms  ({result.statuses})",
+                        flush=True,
+                    )
+            print()
+            print_info(
+                machine_info(
+                    ("database", db.kind),
+                    ("load", f"wrk, {args.connections} connections, {args.seconds} s a run"),
+                )
+            )
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)
+        forget_queue(queue)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def best(label: str) -> Result:
+        return max((r for r in results if r.label == label), key=lambda r: r.rate)
+
+    bare, accepted, refusing = best("bare"), best("hublaunch"), best("refusing")
+    ratio, refusing_ratio = accepted.rate / bare.rate, refusing.rate / bare.rate
+    print(f"\naccepted/bare: {ratio:.3f} (target >= {TARGET_RATIO})")
+    print(f"accepted p99: {accepted.p99_ms:.1f} ms (target <= {TARGET_P99_MS:.0f} ms)")
+    print(f"refused (429)/bare: {refusing_ratio:.3f} (target >= {TARGET_REFUSING_RATIO})")
+    print(json.dumps({r.label + str(i): r.rate for i, r in enumerate(results)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

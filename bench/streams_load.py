@@ -1,0 +1,127 @@
+"""Open event streams vs the intake (issue 11): does ``POST /api/launches`` stay fast while
+``--streams`` event streams are open?
+
+The app alone (one uvicorn process, ``hublaunch api``'s options; PostgreSQL and Redis; no worker,
+so the watched launches stay queued and their streams stay open, polling and woken by Redis).
+wrk measures POST latency first with no stream open, then with ``--streams`` streams held open by
+one asyncio client, in the same run.
+
+    .venv/bin/python -m bench.streams_load          # 1,000 streams; needs wrk
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import BROKER_URL, bench_database, forget_queue, machine_info, print_info
+from bench.intake_rate import WRK_SCRIPT, Result, run_wrk, serve
+from hublaunch.stack import free_port
+from worker.migrate import upgrade
+
+TARGET_P99_MS = 100.0
+
+
+async def hold_streams(url: str, ids: list[str], opened: list[int], stop: threading.Event) -> None:
+    limits = httpx.Limits(max_connections=len(ids) + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+
+        async def one(launch_id: str) -> None:
+            async with client.stream("GET", f"/api/launches/{launch_id}/events") as response:
+                opened.append(response.status_code)
+                async for _ in response.aiter_lines():
+                    if stop.is_set():
+                        return
+
+        tasks = [asyncio.create_task(one(i)) for i in ids]
+        await asyncio.to_thread(stop.wait)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="hublaunch-bench-streams-"))
+    queue = f"bench-streams-{os.getpid()}"
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    stop = threading.Event()
+    results: list[Result] = []
+    try:
+        with bench_database() as db:
+            upgrade(db.url)
+            env = {
+                **os.environ,
+                "HUBLAUNCH_DATABASE_URL": db.url,
+                "HUBLAUNCH_BROKER_URL": BROKER_URL,
+                "HUBLAUNCH_QUEUE": queue,
+                "HUBLAUNCH_SECRET_KEY_FILE": str(tmp / "secret.key"),
+                "HUBLAUNCH_LOG_LEVEL": "WARNING",
+                "HUBLAUNCH_CLIENT_RATE": "0",
+            }
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = serve("api.main:create_app", port, env, tmp / "api.log", True)
+            try:
+                results.append(run_wrk(url, "no stream open", args, script))
+                with httpx.Client(base_url=url, timeout=30) as client:
+                    ids = [
+                        client.post("/api/launches", json={"image": "default"}).json()["id"]
+                        for _ in range(args.streams)
+                    ]
+                opened: list[int] = []
+                holder = threading.Thread(
+                    target=asyncio.run, args=(hold_streams(url, ids, opened, stop),), daemon=True
+                )
+                holder.start()
+                deadline = time.monotonic() + 120
+                while len(opened) < len(ids) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                print(f"  {len(opened)} streams open ({opened.count(200)} answered 200)")
+                results.append(run_wrk(url, f"{len(opened)} streams open", args, script))
+                results.append(run_wrk(url, f"{len(opened)} streams open (again)", args, script))
+                stop.set()
+                holder.join(timeout=30)
+                results.append(run_wrk(url, "no stream open (again)", args, script))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=20)
+            print()
+            print_info(
+                machine_info(
+                    ("database", db.kind),
+                    ("load", f"wrk, {args.connections} connections, {args.seconds} s a run"),
+                )
+            )
+    finally:
+        stop.set()
+        forget_queue(queue)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    for r in results:
+        print(f"{r.label:<34} {r.rate:7.0f}/s  p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:6.1f} ms")
+    worst = max(r.p99_ms for r in results if "streams open" in r.label and "no" not in r.label)
+    print(f"\nintake p99 with the streams open: {worst:.1f} ms (target <= {TARGET_P99_MS:.0f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

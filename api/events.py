@@ -25,7 +25,28 @@ from worker.notify import channel, redis_url
 from worker.settings import Settings
 
 KEEPALIVE_SECONDS = 15.0
+# How often a stream reads the database when nothing rang its doorbell: every event rings it
+# (after its commit), so with Redis this is only the safety net for a lost message. Without
+# Redis, polling is all there is.
+IDLE_POLL_SECONDS = 10.0
 POLL_SECONDS = 1.0
+# Streams read the database in worker threads of their own: a thousand open streams must not
+# take every thread (and database connection) the intake's handlers need (measured: with 1,000
+# streams on the shared thread pool, POST /api/launches fell from 230/s to 2/s).
+STREAM_THREADS = 8
+_limiters: dict[int, anyio.CapacityLimiter] = {}
+
+
+def _stream_threads() -> anyio.CapacityLimiter:
+    """The streams' thread limiter of the running event loop (one per loop: tests run many)."""
+    import asyncio
+
+    loop = id(asyncio.get_running_loop())
+    if loop not in _limiters:
+        _limiters[loop] = anyio.CapacityLimiter(STREAM_THREADS)
+    return _limiters[loop]
+
+
 FINAL_PHASES = frozenset({Phase.ready, Phase.failed})
 # Event ids are row ids: 18 digits stay below 2**63, the largest integer SQLite and PostgreSQL
 # compare a BIGINT with; a longer number would overflow mid-stream rather than mean anything.
@@ -91,7 +112,10 @@ async def event_stream(
 
     ``id_prefix`` goes before each event id; the /build stream uses it to tie a reconnecting
     EventSource (which sends the last id back as Last-Event-ID) to the same launch."""
-    if await anyio.to_thread.run_sync(_already_finished, settings, launch_id, after_id):
+    threads = _stream_threads()
+    if await anyio.to_thread.run_sync(
+        _already_finished, settings, launch_id, after_id, limiter=threads
+    ):
         return
     url = redis_url(settings)
     client = aioredis.Redis.from_url(url) if url else None
@@ -105,7 +129,9 @@ async def event_stream(
                 pubsub = None  # fall back to polling
         last_sent = time.monotonic()
         while True:
-            events, terminal = await anyio.to_thread.run_sync(_load, settings, launch_id, after_id)
+            events, terminal = await anyio.to_thread.run_sync(
+                _load, settings, launch_id, after_id, limiter=threads
+            )
             for payload in events:
                 yield format_event(payload, id_prefix)
                 last_sent = time.monotonic()
@@ -131,6 +157,6 @@ async def _wait(pubsub: aioredis.client.PubSub | None) -> None:
         await anyio.sleep(0.25)
         return
     try:
-        await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_SECONDS)
+        await pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_POLL_SECONDS)
     except RedisError:
         await anyio.sleep(POLL_SECONDS)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import HublaunchCollector
 from api.pages import STATIC_DIR, not_found
+from api.ratelimit import LimitLaunchStarts
 from api.routes import admin, binder, health, launches, metrics, pages
 from worker.broker import Broker, CeleryBroker
 from worker.hub_client import HubClient
@@ -223,5 +224,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    # Outermost: a refused launch start is answered before anything else runs.
+    app.add_middleware(LimitLaunchStarts, settings=settings)
     _document(app)
     return app

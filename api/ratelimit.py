@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.notify import redis_url
 from worker.settings import Settings
@@ -227,3 +229,41 @@ def check(settings: Settings, address: str) -> tuple[Verdict, Rate | None]:
     if active is None:
         return ALLOWED, None
     return active.check(address), active.rate
+
+
+# -- the flood path ----------------------------------------------------------------------------
+
+LAUNCHES_PATH = "/api/launches"
+CHECKED = "hublaunch_rate_checked"  # set in the request's state once the middleware counted it
+
+
+class LimitLaunchStarts:
+    """Count ``POST /api/launches`` before anything else runs (ASGI middleware): a refused
+    request costs one Redis call, never a body parse, a dependency, a worker thread or the
+    database — a flood must not starve the intake. A request with an ``Idempotency-Key`` is left
+    to the route, which counts it only when it is not a replay."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] != LAUNCHES_PATH
+            or any(name == b"idempotency-key" for name, _ in scope["headers"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        verdict, rate = check(self.settings, client_address(HTTPConnection(scope), self.settings))
+        if not verdict.allowed and rate is not None:
+            refusal = JSONResponse(
+                {"detail": verdict.message(rate)},
+                status_code=429,
+                headers={"Retry-After": str(verdict.retry_after)},
+            )
+            await refusal(scope, receive, send)
+            return
+        scope.setdefault("state", {})[CHECKED] = True
+        await self.app(scope, receive, send)

@@ -109,8 +109,10 @@ def create_launch(
             return accepted
         claim = found or None
     try:
-        # A replay above starts nothing, so only a request that would start a launch counts.
-        verdict, rate = ratelimit.check(settings, client)
+        # A replay above starts nothing, so only a request that would start a launch counts;
+        # one without a key was counted already, before its body was read (LimitLaunchStarts).
+        counted = getattr(request.state, ratelimit.CHECKED, False)
+        verdict, rate = (ratelimit.ALLOWED, None) if counted else ratelimit.check(settings, client)
         if not verdict.allowed and rate is not None:
             raise HTTPException(
                 status.HTTP_429_TOO_MANY_REQUESTS,

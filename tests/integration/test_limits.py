@@ -111,6 +111,9 @@ def test_over_the_rate_is_a_429_with_retry_after(visitor: httpx.Client) -> None:
     wait = int(refused.headers["Retry-After"])
     assert 1 <= wait <= 60 // RATE
     assert f"wait {wait} s and try again" in refused.json()["detail"]
+    # Refused before the body is read: a flood of garbage costs the app one Redis call each.
+    garbage = visitor.post("/api/launches", content=b"{not json", headers={"Content-Type": "x"})
+    assert garbage.status_code == 429 and "Retry-After" in garbage.headers
 
     # /build from the same client: the same limit, as BinderHub's failed event and a 429.
     with visitor.stream("GET", "/build/image/default") as build:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select, text
+from sqlalchemy import and_, exists, func, select, text
 from sqlalchemy.orm import Session
 
 from worker import transitions
@@ -39,7 +39,7 @@ from worker.models import Launch, LaunchEvent, Phase, Status
 from worker.outcome import DONE, Outcome
 from worker.queries import get_launch
 from worker.settings import Settings
-from worker.transitions import FailReason
+from worker.transitions import FailReason, spec_key
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,14 @@ def limits(settings: Settings) -> Limits:
     return _limits(settings.max_active, settings.max_active_per_spec)
 
 
-def spec_key(spec: dict[str, Any]) -> str:
-    """What the per-spec cap counts by. The ref is left out on purpose: otherwise a visitor
-    could fill every slot with one repository by asking for a different commit each time."""
-    if "image" in spec:
-        return "image:" + str(spec["image"]).removesuffix(":latest")
-    url = str(spec.get("repo", "")).strip().lower().rstrip("/").removesuffix(".git")
-    return "repo:" + url
-
-
-def place(me: Entry, active: Iterable[str], waiting: Iterable[Entry], caps: Limits) -> int | None:
+def place(
+    me: Entry,
+    active: Iterable[str],
+    waiting: Iterable[Entry],
+    caps: Limits,
+    *,
+    active_total: int | None = None,
+) -> int | None:
     """None when ``me`` may start now, else how many launches are ahead of it in line.
 
     ``active``: the spec keys of the active sessions; ``waiting``: the other launches in line.
@@ -149,7 +147,7 @@ def place(me: Entry, active: Iterable[str], waiting: Iterable[Entry], caps: Limi
     back by its own spec's cap will not, so it is not counted ahead of other specs.
     """
     held = Counter(active)
-    free_total = caps.total - sum(held.values())
+    free_total = caps.total - (sum(held.values()) if active_total is None else active_total)
     seen: Counter[str] = Counter()
     ahead = 0
     for entry in sorted([*waiting, me], key=lambda e: (as_utc(e.created_at), e.id)):
@@ -194,12 +192,17 @@ def _slot_events(launch_id: str) -> Any:
     )
 
 
-def _held(db: Session) -> list[str]:
-    """Spec keys of the active sessions."""
-    specs = db.scalars(
-        select(Launch.spec).where(Launch.status.in_(ACTIVE), Launch.user_removed_at.is_(None))
+def _held(db: Session, keys: set[str]) -> tuple[list[str], int]:
+    """The active sessions: the spec keys among ``keys`` (one per session), and how many in
+    all. Counted in the database, so an admission costs the same at 10 or 10,000 sessions."""
+    live = and_(Launch.status.in_(ACTIVE), Launch.user_removed_at.is_(None))
+    total = db.scalar(select(func.count()).select_from(Launch).where(live)) or 0
+    rows = db.execute(
+        select(Launch.spec_key, func.count())
+        .where(live, Launch.spec_key.in_(keys))
+        .group_by(Launch.spec_key)
     )
-    return [spec_key(spec) for spec in specs]
+    return [key for key, count in rows if key is not None for _ in range(count)], total
 
 
 def _in_line(db: Session, launch_id: str) -> list[Entry]:
@@ -226,9 +229,10 @@ def _in_line(db: Session, launch_id: str) -> list[Entry]:
 # -- the decision ----------------------------------------------------------------------
 
 
-def admit(ctx: WorkerContext, launch_id: str) -> Outcome | None:
-    """None: the launch holds a slot (now ``launching``; it may create its Hub user). Else what
-    the task does next: ask again in ``POLL_SECONDS``, or nothing (failed, gone, ended)."""
+def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
+    """The launch, when it holds a slot (now ``launching`` with its Hub user's name, as read in
+    the admitting transaction: the caller needs no other). Else what the task does next: ask
+    again in ``POLL_SECONDS``, or nothing (failed, gone, ended)."""
     caps = limits(ctx.settings)
     with ctx.units.begin() as uow:
         _lock(uow.db)
@@ -236,12 +240,14 @@ def admit(ctx: WorkerContext, launch_id: str) -> Outcome | None:
         if launch is None or launch.is_terminal:
             return DONE
         if launch.hub_user is not None or launch.status not in WAITING:
-            return None  # admitted before (a retry of a later step)
+            return launch  # admitted before (a retry of a later step)
         if launch.end_requested_at is not None:
             return Outcome(retry_in=0)  # the next run ends it; it takes no slot
         now = ctx.clock()
         me = Entry(launch.id, spec_key(launch.spec), launch.created_at)
-        position = place(me, _held(uow.db), _in_line(uow.db, launch_id), caps)
+        line = _in_line(uow.db, launch_id)
+        held, total = _held(uow.db, {me.key} | {entry.key for entry in line})
+        position = place(me, held, line, caps, active_total=total)
         if position is None:
             transitions.mark_launching(
                 uow,
@@ -251,7 +257,7 @@ def admit(ctx: WorkerContext, launch_id: str) -> Outcome | None:
                 now=now,
             )
             uow.notify(launch_id)
-            return None
+            return launch
         first = uow.db.scalars(_slot_events(launch_id).order_by(LaunchEvent.id).limit(1)).first()
         waited = (now - as_utc(first.created_at)).total_seconds() if first else 0.0
         if waited >= ctx.settings.max_wait:

@@ -137,11 +137,10 @@ class Run:
 
     def __init__(self, *, held: bool) -> None:
         self.held = held
-        self.finished = False
         self.outcome: Outcome | None = None
 
     def done(self, outcome: Outcome) -> None:
-        self.outcome, self.finished = outcome, True
+        self.outcome = outcome
 
 
 @contextmanager
@@ -159,9 +158,11 @@ def running(
         try:
             yield current
         finally:
-            # An exception escaping the run means Celery retries or drops it: keep the claim
-            # until it expires, and the sweep sends the launch again if nothing does.
-            if current.finished:
+            # Only a run that will retry lets go (saying when to expect it): a finished launch
+            # is no longer starting, so the sweep never looks at its claim again, and an
+            # exception escaping the run (Celery retries or drops it) keeps the claim until it
+            # expires, when the sweep sends the launch again if nothing else did.
+            if current.outcome is not None and current.outcome.retry_in is not None:
                 release(units, launch_id, run_id, current.outcome, now=clock())
 
 

@@ -74,6 +74,9 @@ class EndReason(enum.StrEnum):
 
 
 Timestamp = DateTime(timezone=True)
+# An image name is at most 256 characters and a repository URL 2048 (worker/repos.py): keys
+# of longer URLs are cut, which only makes two such repositories share one cap.
+SPEC_KEY_LENGTH = 512
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -131,6 +134,8 @@ class Launch(Base):
     # retry for lost) and the launch is sent again.
     claimed_by: Mapped[str | None] = mapped_column(String(32))
     claim_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The environment it runs, as the per-spec cap counts it (transitions.spec_key).
+    spec_key: Mapped[str | None] = mapped_column(String(SPEC_KEY_LENGTH), index=True)
     # Servers started for this launch that did not come up (each try gets a fresh one).
     spawn_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 

@@ -27,7 +27,7 @@ from worker.outcome import DONE, Outcome, backoff, handoff
 from worker.queries import get_launch, last_problem
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.teardown import teardown
-from worker.transitions import FailReason
+from worker.transitions import FailReason, IllegalTransition
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +137,22 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         if isinstance(image_or_wait, Outcome):
             return image_or_wait
         image = image_or_wait
-    # Over the caps on active sessions the launch waits in line; admitted, it is launching.
-    waiting = admission.admit(ctx, launch_id)
-    if waiting is not None:
-        return waiting
-    with ctx.units.begin() as uow:
-        launch = get_launch(uow.db, launch_id)
-        if launch is None or launch.is_terminal:
-            return DONE
-        if repo is None:
-            image = launch.spec["image"]
-        now = ctx.clock()
-        name = transitions.mark_launching(
-            uow,
-            launch,
-            user_prefix=ctx.settings.user_prefix,
-            deadline=now + timedelta(seconds=ctx.settings.launch_timeout),
-            now=now,
-        )
-        deadline = ctx.deadline(launch)
-        # After a failed spawn, JupyterHub (6.1) may answer the next start with 201 while that
-        # server is still starting (it reads the failed spawner it replaced): follow the
-        # progress stream then, which says ready, or failed, for the server really there.
-        confirm = launch.spawn_failures > 0
-        uow.notify(launch_id)
+    # Over the caps on active sessions the launch waits in line; admitted, it is launching
+    # with its Hub user's name chosen, in the same transaction.
+    admitted = admission.admit(ctx, launch_id)
+    if isinstance(admitted, Outcome):
+        return admitted
+    launch = admitted
+    if launch.hub_user is None:
+        raise IllegalTransition(launch.id, launch.status, Status.launching)
+    name = launch.hub_user
+    if repo is None:
+        image = launch.spec["image"]
+    deadline = ctx.deadline(launch)
+    # After a failed spawn, JupyterHub (6.1) may answer the next start with 201 while that
+    # server is still starting (it reads the failed spawner it replaced): follow the progress
+    # stream then, which says ready, or failed, for the server really there.
+    confirm = launch.spawn_failures > 0
 
     bind_user(name)  # the rest of this launch's lines name its Hub user
     spawn_started = time.monotonic()

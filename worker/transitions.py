@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from worker.broker import launch_message
 from worker.db import as_utc, bulk_update, rowcount
 from worker.metrics import observation
-from worker.models import TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
+from worker.models import SPEC_KEY_LENGTH, TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
 from worker.unit_of_work import UnitOfWork
 
 STARTING = (Status.queued, Status.building, Status.launching)
@@ -64,6 +64,17 @@ class FailReason(enum.StrEnum):
 
 # Repository hosts named in the metrics; any other is "git", so a visitor cannot add series.
 KNOWN_HOSTS = frozenset({"github.com", "gitlab.com", "bitbucket.org", "codeberg.org"})
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """What one environment is called for the per-spec cap (``worker.admission``): the image
+    (``:latest`` dropped), or the repository URL whatever the ref. The ref is left out on
+    purpose: otherwise a visitor could fill every slot with one repository by asking for a
+    different commit each time."""
+    if "image" in spec:
+        return "image:" + str(spec["image"]).removesuffix(":latest")
+    url = str(spec.get("repo", "")).strip().lower().rstrip("/").removesuffix(".git")
+    return ("repo:" + url)[:SPEC_KEY_LENGTH]
 
 
 def provider(spec: dict[str, Any]) -> str:
@@ -217,6 +228,7 @@ def create(
         id=new_launch_id(),
         status=Status.queued,
         spec=spec,
+        spec_key=spec_key(spec),
         lifetime=lifetime,
         created_at=now,
         updated_at=now,

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from tests.fakes import FakeHub
 from tests.unit.conftest import Clock
 from worker import admission, transitions
-from worker.admission import Entry, Limits, machine_sessions, parse_bytes, place, spec_key
+from worker.admission import Entry, Limits, machine_sessions, parse_bytes, place
 from worker.context import WorkerContext
 from worker.cull import cull_pass
 from worker.db import as_utc, session_scope
@@ -26,6 +26,7 @@ from worker.models import Launch, LaunchEvent, Phase, Status
 from worker.outcome import DONE
 from worker.queries import get_launch
 from worker.starting import advance
+from worker.transitions import spec_key
 
 GIB = 2**30
 
@@ -227,8 +228,8 @@ def test_concurrent_admissions_never_exceed_the_cap(
     ids = [new_launch(ctx, clock) for _ in range(8)]
     read_held = admission._held
 
-    def slow_held(db: Any) -> list[str]:
-        held = read_held(db)
+    def slow_held(db: Any, keys: set[str]) -> tuple[list[str], int]:
+        held = read_held(db, keys)
         time.sleep(0.05)  # widen the window between counting and taking a slot
         return held
 
@@ -250,7 +251,7 @@ def test_concurrent_admissions_never_exceed_the_cap(
         thread.join(timeout=60)
 
     assert not [r for r in results.values() if isinstance(r, Exception)], results
-    admitted = [i for i, r in results.items() if r is None]
+    admitted = [i for i, r in results.items() if isinstance(r, Launch)]
     assert len(admitted) == 3
     assert sorted(row(ctx, i).status for i in ids).count(Status.launching) == 3
 

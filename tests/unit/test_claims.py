@@ -93,8 +93,14 @@ def test_running_skips_a_held_launch_and_keeps_the_claim_of_a_crashed_run(
         assert run.held
         with claims.running(ctx.units, launch_id, lease=LEASE, clock=clock) as duplicate:
             assert not duplicate.held
+        run.done(Outcome(retry_in=5))
+    assert row(ctx, launch_id).claimed_by is None  # free for the retry, expected back
+
+    with claims.running(ctx.units, launch_id, lease=LEASE, clock=clock) as run:
+        assert run.held
         run.done(DONE)
-    assert row(ctx, launch_id).claimed_by is None
+    # Done: nothing to let go of (the launch is no longer starting, the sweep skips it).
+    assert row(ctx, launch_id).claimed_by is not None
 
     with (
         pytest.raises(RuntimeError),

@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from worker import notify
 from worker.notify import redis_url
 from worker.settings import Settings
 
@@ -141,25 +142,11 @@ def client_address(connection: HTTPConnection, settings: Settings) -> str:
 
 # -- Redis ---------------------------------------------------------------------------------------
 
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_clients_lock = threading.Lock()
-
 
 def shared_redis(settings: Settings) -> redis.Redis | None:
-    """One client (and connection pool) per process and broker URL, made on first use, never at
-    import and never shared across a fork. None without Redis (the embedded dev broker)."""
-    url = redis_url(settings)
-    if url is None:
-        return None
-    key = (os.getpid(), url)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = redis.Redis.from_url(
-                url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-            )
-            _clients[key] = client
-        return client
+    """The process's client of the broker's Redis, with a short timeout: a slow Redis must not
+    hold up a launch for long (the limit then fails open)."""
+    return notify.shared_redis(settings, timeout=REDIS_TIMEOUT)
 
 
 def key_prefix(settings: Settings) -> str:
@@ -206,6 +193,7 @@ class Limiter:
 
 
 _limiters: dict[tuple[int, str, str, str], Limiter] = {}
+_limiters_lock = threading.Lock()
 
 
 def limiter(settings: Settings) -> Limiter | None:
@@ -216,7 +204,7 @@ def limiter(settings: Settings) -> Limiter | None:
     if rate is None or client is None:
         return None
     key = (os.getpid(), str(redis_url(settings)), settings.client_rate, key_prefix(settings))
-    with _clients_lock:
+    with _limiters_lock:
         found = _limiters.get(key)
         if found is None:
             found = _limiters[key] = Limiter(client, rate, key_prefix(settings))

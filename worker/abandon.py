@@ -11,15 +11,13 @@ retry here, decides then). The database stays the source of truth of the launch 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from datetime import datetime
 
 import redis
 
 from worker import transitions
 from worker.broker import QueueUnavailable, abandon_message, teardown_message
-from worker.notify import redis_url
+from worker.notify import shared_redis
 from worker.outcome import DONE, Outcome, backoff
 from worker.settings import Settings
 from worker.unit_of_work import Units
@@ -42,20 +40,9 @@ end
 return left
 """
 
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_lock = threading.Lock()
-
 
 def _redis(settings: Settings) -> redis.Redis | None:
-    """One client per process and URL, made on first use; None without Redis (dev queue)."""
-    url = redis_url(settings)
-    if url is None:
-        return None
-    with _lock:
-        key = (os.getpid(), url)
-        if key not in _clients:
-            _clients[key] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        return _clients[key]
+    return shared_redis(settings)
 
 
 def _keys(settings: Settings, launch_id: str) -> tuple[str, str]:

@@ -7,6 +7,8 @@ need not poll quickly. Without Redis (the embedded dev broker), watchers fall ba
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 import redis
 
@@ -24,6 +26,28 @@ def channel(launch_id: str) -> str:
 def redis_url(settings: Settings) -> str | None:
     url = settings.broker_url
     return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+_clients: dict[tuple[int, str, float], redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_redis(settings: Settings, *, timeout: float = 2.0) -> redis.Redis | None:
+    """One client (and connection pool) per process, broker URL and timeout, made on first use,
+    never at import and never shared across a fork. None without Redis (the embedded dev
+    broker). For the counters that live beside the queue (rate limits, watchers)."""
+    url = redis_url(settings)
+    if url is None:
+        return None
+    key = (os.getpid(), url, timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            _clients[key] = client
+        return client
 
 
 class Notifier:

@@ -34,9 +34,10 @@ from worker.unit_of_work import UnitOfWork, Units
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 10.0
-# A build whose heartbeat is older than this has lost its worker.
-STALE_AFTER = timedelta(seconds=60)
+HEARTBEAT_SECONDS = 3.0
+# A build whose heartbeat is older than this has lost its worker (five beats missed): the next
+# launch that waits for it builds again, so a killed worker costs seconds, not minutes.
+STALE_AFTER = timedelta(seconds=15)
 # How often a waiting launch looks at its build (the build also re-sends it when done).
 POLL_SECONDS = 3.0
 LOG_FLUSH_SECONDS = 0.5

@@ -25,10 +25,11 @@ import pytest
 from sqlalchemy import select
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import read_events, start_stack, wait_for
+from tests.integration.conftest import LOCAL_REPOS, read_events, start_stack, wait_for
+from tests.integration.gitserver import GitServer
 from worker.db import session_scope
 from worker.hub_client import HubClient
-from worker.models import Launch, LaunchEvent, Status
+from worker.models import Build, BuildStatus, Launch, LaunchEvent, Status
 
 # What a visitor may wait, after the worker died, for the launch to be ready again.
 RECOVERY_DEADLINE = 30.0
@@ -53,6 +54,7 @@ def fault_stack(
             "HUBLAUNCH_LAUNCH_LEASE": "3",
             "HUBLAUNCH_RECOVER_INTERVAL": "1",
             "HUBLAUNCH_CLIENT_RATE": "0",
+            **LOCAL_REPOS,
         },
     )
     try:
@@ -256,3 +258,80 @@ def test_a_server_that_always_dies_fails_with_a_reason_after_the_last_try(
         "the failed launch's user removed",
     )
     assert row.hub_user not in {u.name for u in hub.iter_users()}
+
+
+# An in-tree build backend (no download) whose wheel takes a few seconds to build: a window to
+# kill the worker while the build runs in its box.
+SLOW_BACKEND = """
+import base64, hashlib, os, time, zipfile
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    time.sleep(6)
+    name = "slowpkg-1-py3-none-any.whl"
+    files = {
+        "slowpkg.py": "X = 1\\n",
+        "slowpkg-1.dist-info/METADATA": "Metadata-Version: 2.1\\nName: slowpkg\\nVersion: 1\\n",
+        "slowpkg-1.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
+        ),
+    }
+    record = []
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
+        for path, text in files.items():
+            data = text.encode()
+            wheel.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append("%s,sha256=%s,%d" % (path, digest.decode(), len(data)))
+        record.append("slowpkg-1.dist-info/RECORD,,")
+        wheel.writestr("slowpkg-1.dist-info/RECORD", "\\n".join(record) + "\\n")
+    return name
+"""
+
+
+def test_the_worker_killed_while_a_repository_builds(
+    fault_stack: Stack, client: httpx.Client, hub: HubClient, git_server: GitServer
+) -> None:
+    """The build's box dies with its worker; the next worker builds again once the build's
+    heartbeat is stale (15 s), and the launch that waited for it is ready."""
+    git_server.commit(
+        "slow-build",
+        {
+            "requirements.txt": "./pkg\n",
+            "pkg/pyproject.toml": (
+                "[build-system]\nrequires = []\nbuild-backend = 'slow_backend'\n"
+                "backend-path = ['.']\n"
+            ),
+            "pkg/slow_backend.py": SLOW_BACKEND,
+        },
+    )
+    body = {"repo": git_server.url("slow-build"), "ref": "main"}
+    response = client.post("/api/launches", json=body)
+    assert response.status_code == 202, response.text
+    launch_id = response.json()["id"]
+    wait_for(
+        lambda: _building(fault_stack) or rows(fault_stack, [launch_id])[launch_id].is_terminal,
+        60,
+        "the build running",
+    )
+    assert _building(fault_stack), read_events(client, launch_id)
+    time.sleep(2)  # inside pip, inside the box
+    fault_stack.kill("worker")
+    fault_stack.start_child("worker")
+
+    events = read_events(client, launch_id)
+    assert events[-1]["phase"] == "ready", events[-1]
+    with session_scope(fault_stack.config.database_url) as db:
+        [build] = [b for b in db.scalars(select(Build)) if "slow-build" in b.repo]
+        assert build.status == BuildStatus.built and build.attempts == 2
+    end_all_and_check_nothing_is_left(fault_stack, client, hub, [launch_id])
+
+
+def _building(stack: Stack) -> bool:
+    with session_scope(stack.config.database_url) as db:
+        return any(
+            b.status == BuildStatus.building and "slow-build" in b.repo
+            for b in db.scalars(select(Build))
+        )

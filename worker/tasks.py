@@ -9,8 +9,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from worker import abandon as abandoned
 from worker import builds, claims, cull, starting, teardown
 from worker.broker import (
+    ABANDON_TASK,
     BUILD_TASK,
     CULL_TASK,
     LAUNCH_TASK,
@@ -78,8 +80,6 @@ def build(name: str) -> None:
 
 
 # Appended here, not in the imports above: other changes to this module are in flight.
-from worker import abandon as abandoned  # noqa: E402
-from worker.broker import ABANDON_TASK  # noqa: E402
 
 
 # A /build launch whose watchers all left: ended unless one came back (worker/abandon.py).

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from api import binder, intake
+from api import binder, intake, ratelimit
 from api.deps import SettingsDep, UnitsDep
 from api.events import event_stream, parse_event_id
 from api.pages import page
 from api.schemas import RATE_LIMITED_STREAM, event_stream_response
-from worker import queries, repos
+from worker import abandon, queries, repos
 from worker.db import reading
 from worker.settings import Settings
 
@@ -102,14 +104,6 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
         "X-Accel-Buffering": "no",
         **cors_headers(settings, request.headers.get("Origin")),
     }
-    # Here, not at the top: the module's imports are shared with other changes in flight.
-    import functools
-
-    import anyio
-
-    from api import ratelimit
-    from worker import abandon
-
     try:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
         launch_id, after = _resume(settings, request.headers.get("Last-Event-ID", ""), spec)

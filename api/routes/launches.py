@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from api import intake
+from api import idempotency, intake, ratelimit
 from api.context import bind_path_launch
 from api.deps import DbDep, SettingsDep, UnitsDep
 from api.events import event_stream, parse_event_id
@@ -85,9 +85,6 @@ def create_launch(
     units: UnitsDep,
     settings: SettingsDep,
 ) -> LaunchAccepted:
-    # Here, not at the top: the module's imports are shared with other changes in flight.
-    from api import idempotency, ratelimit
-
     # Nothing below touches the database before the rate check: a flood is answered from Redis.
     client = ratelimit.client_address(request, settings)
     key = request.headers.get(idempotency.HEADER)

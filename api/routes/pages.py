@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import select
 
 from api.binder import link_for
@@ -48,3 +48,16 @@ def session_gone(request: Request, name: str, db: DbDep) -> HTMLResponse:
         again=f"/v2/{link_for(launch.spec)}",
         what=launch.spec.get("image") or launch.spec.get("repo"),
     )
+
+
+HUB_AWAY = "The Hub's API is not routed right now (the Hub is starting or stopped); try again."
+
+
+@router.api_route(
+    "/hub/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+)
+def hub_api_away(rest: str) -> JSONResponse:
+    """The proxy sends /hub/api/… to the Hub while the Hub's route is registered; here only
+    while it is not (a Hub starting, restarting or gone, its proxy already up). A 503 says
+    "try again" to the worker's Hub client; a 404 read as "no such user" failed launches."""
+    return JSONResponse({"status": 503, "message": HUB_AWAY}, 503, headers={"Retry-After": "2"})

@@ -14,6 +14,7 @@ from api.routes.binder import cors_headers
 from tests.fakes import RecordingBroker
 from worker.broker import LAUNCH_TASK, Message
 from worker.db import session_scope
+from worker.hub_client import HubUnavailable, raise_for_status
 from worker.models import Launch, LaunchEvent
 from worker.settings import Settings
 
@@ -319,3 +320,15 @@ def test_ids_no_launch_can_have_are_404_on_every_route(api: TestClient, launch_i
     for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
         response = api.request(method, f"/api/launches/{launch_id}{suffix}")
         assert response.status_code == 404, (method, suffix, response.text)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+def test_hub_api_calls_reaching_the_app_say_the_hub_is_away(api: TestClient, method: str) -> None:
+    # The proxy's default route is the app: while the Hub's own route is missing (the Hub is
+    # starting), the worker's Hub calls land here. A 404 read as "no such user" failed a
+    # launch in the Hub-restart fault test; a 503 is waited for.
+    response = api.request(method, "/hub/api/users/hl-0123456789abcdef")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "2"
+    with pytest.raises(HubUnavailable):
+        raise_for_status(response)

@@ -70,10 +70,22 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LaunchAccepted,
     responses={
-        400: {"model": Problem, "description": "The body is not valid JSON."},
+        400: {
+            "model": Problem,
+            "description": "The body is not valid JSON, or the Idempotency-Key is malformed.",
+        },
         **BANNED,
+        409: {
+            "model": Problem,
+            "description": "A request with this Idempotency-Key is still being processed; "
+            "retry in a few seconds to get its answer.",
+        },
         413: {"model": Problem, "description": "The body is too large."},
-        422: {"model": Problem, "description": "The launch request is invalid."},
+        422: {
+            "model": Problem,
+            "description": "The launch request is invalid, or its Idempotency-Key was used "
+            "with another body.",
+        },
         **RATE_LIMITED,
         503: {"model": Problem, "description": "The queue is unavailable; nothing was started."},
     },
@@ -84,10 +96,18 @@ def create_launch(
     response: Response,
     units: UnitsDep,
     settings: SettingsDep,
+    key: Annotated[
+        str | None,
+        Header(
+            alias=idempotency.HEADER,
+            description="Makes a retried POST safe: the same key and body give the same "
+            "launch (for 24 h, per client address); 1-255 characters of A-Z a-z 0-9 "
+            "- _ . ~ : + / =, e.g. a UUID.",
+        ),
+    ] = None,
 ) -> LaunchAccepted:
     # Nothing below touches the database before the rate check: a flood is answered from Redis.
     client = ratelimit.client_address(request, settings)
-    key = request.headers.get(idempotency.HEADER)
     claim: idempotency.Claim | None = None
     store = ratelimit.shared_redis(settings) if key is not None else None
     if key is not None:

@@ -96,6 +96,19 @@ def run_wrk(url: str, label: str, args: argparse.Namespace, script: Path) -> Res
     return Result(label, rate, p50, p99, f"non-2xx {bad.group(1)}" if bad else "all 2xx")
 
 
+def app_env(database_url: str, queue: str, tmp: Path) -> dict[str, str]:
+    """The environment of an app process with no worker: its own database and queue, quiet logs
+    (a log line per request would be part of what is measured)."""
+    return {
+        **os.environ,
+        "HUBLAUNCH_DATABASE_URL": database_url,
+        "HUBLAUNCH_BROKER_URL": BROKER_URL,
+        "HUBLAUNCH_QUEUE": queue,
+        "HUBLAUNCH_SECRET_KEY_FILE": str(tmp / "secret.key"),
+        "HUBLAUNCH_LOG_LEVEL": "WARNING",
+    }
+
+
 def serve(
     app: str, port: int, env: dict[str, str], log: Path, factory: bool
 ) -> subprocess.Popen[bytes]:
@@ -139,13 +152,8 @@ def main() -> int:
         with bench_database() as db:
             upgrade(db.url)
             base_env = {
-                **os.environ,
+                **app_env(db.url, queue, tmp),
                 "PYTHONPATH": os.pathsep.join([str(tmp), str(Path.cwd())]),
-                "HUBLAUNCH_DATABASE_URL": db.url,
-                "HUBLAUNCH_BROKER_URL": BROKER_URL,
-                "HUBLAUNCH_QUEUE": queue,
-                "HUBLAUNCH_SECRET_KEY_FILE": str(tmp / "secret.key"),
-                "HUBLAUNCH_LOG_LEVEL": "WARNING",
             }
             ports = {"bare": free_port(), "hublaunch": free_port(), "refusing": free_port()}
             procs.append(serve("bare_app:app", ports["bare"], base_env, tmp / "bare.log", False))

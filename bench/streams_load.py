@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import BROKER_URL, bench_database, forget_queue, machine_info, print_info
-from bench.intake_rate import WRK_SCRIPT, Result, run_wrk, serve
+from bench.common import bench_database, forget_queue, machine_info, print_info
+from bench.intake_rate import WRK_SCRIPT, Result, app_env, run_wrk, serve
 from hublaunch.stack import free_port
 from worker.migrate import upgrade
 
@@ -102,15 +102,7 @@ def main() -> int:
     try:
         with bench_database() as db:
             upgrade(db.url)
-            env = {
-                **os.environ,
-                "HUBLAUNCH_DATABASE_URL": db.url,
-                "HUBLAUNCH_BROKER_URL": BROKER_URL,
-                "HUBLAUNCH_QUEUE": queue,
-                "HUBLAUNCH_SECRET_KEY_FILE": str(tmp / "secret.key"),
-                "HUBLAUNCH_LOG_LEVEL": "WARNING",
-                "HUBLAUNCH_CLIENT_RATE": "0",
-            }
+            env = {**app_env(db.url, queue, tmp), "HUBLAUNCH_CLIENT_RATE": "0"}
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             proc = serve("api.main:create_app", port, env, tmp / "api.log", True)

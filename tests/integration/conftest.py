@@ -199,6 +199,11 @@ def expire_and_cull(stack: Stack, launch_id: str) -> None:
             .where(Launch.id == launch_id)
             .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
         )
+    run_cull(stack)
+
+
+def run_cull(stack: Stack) -> str:
+    """One cleanup pass in a process of its own (``hublaunch cull``); what it printed."""
     result = subprocess.run(
         [sys.executable, "-m", "hublaunch.cli", "cull"],
         env=stack.environ(),
@@ -207,6 +212,7 @@ def expire_and_cull(stack: Stack, launch_id: str) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def hub_user_names(hub: HubClient) -> set[str]:

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +24,13 @@ import pytest
 from sqlalchemy import select
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import LOCAL_REPOS, read_events, start_stack, wait_for
+from tests.integration.conftest import (
+    LOCAL_REPOS,
+    read_events,
+    run_cull,
+    start_stack,
+    wait_for,
+)
 from tests.integration.gitserver import GitServer
 from worker.db import session_scope
 from worker.hub_client import HubClient
@@ -115,15 +120,8 @@ def end_all_and_check_nothing_is_left(
         60,
         "every launch's Hub user removed",
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "hublaunch.cli", "cull"],
-        env=stack.environ(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "orphan" not in result.stdout, result.stdout
+    printed = run_cull(stack)
+    assert "orphan" not in printed, printed
     left = {u.name for u in hub.iter_users()} & {r.hub_user for r in rows(stack, ids).values()}
     assert left == set()
 

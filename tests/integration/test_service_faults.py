@@ -105,6 +105,7 @@ def fault_stack(
     make_database: Callable[[str], str],
     broker_url: str,
     label: str,
+    env_extra: dict[str, str] | None = None,
     **options: Any,
 ) -> Stack:
     return start_stack(
@@ -120,6 +121,7 @@ def fault_stack(
             "HUBLAUNCH_RECOVER_INTERVAL": "1",
             "HUBLAUNCH_REDISPATCH_AFTER": "10",
             "HUBLAUNCH_CLIENT_RATE": "0",
+            **(env_extra or {}),
         },
         **options,
     )
@@ -314,3 +316,29 @@ def test_a_launch_whose_deadline_passes_while_its_server_starts(
 
 def _removed(stack: Stack, launch_id: str) -> bool:
     return rows(stack, [launch_id])[launch_id].user_removed_at is not None
+
+
+def test_the_hubs_spawn_limit_is_waited_out_and_never_shown(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+) -> None:
+    """A real Hub starting one server at a time (``concurrent_spawn_limit`` 1) answers the
+    others' starts with 429: every launch is ready, and no visitor reads a status code."""
+    stack = fault_stack(
+        tmp_path_factory,
+        make_database,
+        redis_url,
+        "spawn-limit",
+        env_extra={"HUBLAUNCH_HUB_CONCURRENT_SPAWN_LIMIT": "1"},
+    )
+    try:
+        with httpx.Client(base_url=stack.public_url, timeout=30) as client:
+            ids = [launch(client) for _ in range(4)]
+            wait_all_ready(stack, ids, 90, "every launch ready")
+            messages = [e["message"] for i in ids for e in read_events(client, i)]
+        assert any(m.startswith("The Hub is busy starting other servers") for m in messages)
+        assert not any("429" in m for m in messages)
+        check_after(stack, ids)
+    finally:
+        stack.stop()

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 
+import anyio
+
+from api.group_commit import DATABASE_DOWN, QUEUE_DOWN, DatabaseUnavailable, LaunchWriter
 from api.schemas import LaunchRequest
 from worker import repos, transitions
-from worker.broker import QueueUnavailable, launch_message, teardown_message
+from worker.broker import QueueUnavailable, teardown_message
 from worker.db import utcnow
 from worker.models import Launch
 from worker.queries import get_launch
 from worker.settings import Settings
+from worker.transitions import NewLaunch
 from worker.unit_of_work import Units
 
 log = logging.getLogger(__name__)
 
-QUEUE_DOWN = "The launch queue is unavailable; nothing was started. Try again shortly."
 END_NOT_SENT = "The queue is unavailable; the end is recorded. Send DELETE again shortly."
 
 
@@ -32,7 +35,9 @@ class Refused(Exception):
         self.message = message
 
 
-def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
+def prepare(settings: Settings, body: LaunchRequest) -> NewLaunch:
+    """The launch ``body`` asks for, checked; or ``Refused``. Blocks on DNS for a repository
+    (its host must resolve to public addresses)."""
     spec = body.spec()
     if body.repo is not None:
         try:
@@ -46,28 +51,32 @@ def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
     lifetime = body.lifetime or settings.session_max_age
     if lifetime > settings.session_max_age:
         raise Refused(422, f"lifetime must be at most {settings.session_max_age} seconds")
+    return NewLaunch(spec, lifetime)
+
+
+def accept(writer: LaunchWriter, settings: Settings, body: LaunchRequest) -> str:
+    """The id of the launch ``body`` asks for, committed and sent; or ``Refused``."""
     try:
-        with units.begin() as uow:
-            launch = transitions.create(
-                uow, spec, lifetime=lifetime, timeout=settings.launch_timeout, now=utcnow()
-            )
-            uow.send(launch_message(launch.id))
-    except QueueUnavailable as e:
-        # The row is committed but no task will run it: say so on the row and to the caller.
-        log.error("launch %s: queue unavailable: %s", launch.id, e)
-        with units.begin() as uow:
-            failed = get_launch(uow.db, launch.id)
-            if failed is not None and not failed.is_terminal:
-                transitions.mark_failed(
-                    uow,
-                    failed,
-                    QUEUE_DOWN,
-                    reason=transitions.FailReason.queue_unavailable,
-                    now=utcnow(),
-                    user_removed=True,
-                )
-        raise Refused(503, QUEUE_DOWN) from e
-    return launch
+        return writer.create(prepare(settings, body))
+    except (QueueUnavailable, DatabaseUnavailable) as e:
+        raise _refused(e) from e
+
+
+async def accept_async(writer: LaunchWriter, settings: Settings, body: LaunchRequest) -> str:
+    """``accept`` for the event loop: only a repository's DNS check takes a thread."""
+    if body.repo is None:
+        new = prepare(settings, body)
+    else:
+        new = await anyio.to_thread.run_sync(prepare, settings, body)
+    try:
+        return await writer.create_async(new)
+    except (QueueUnavailable, DatabaseUnavailable) as e:
+        raise _refused(e) from e
+
+
+def _refused(error: QueueUnavailable | DatabaseUnavailable) -> Refused:
+    # The writer recorded an unsent launch as failed with this reason.
+    return Refused(503, QUEUE_DOWN if isinstance(error, QueueUnavailable) else DATABASE_DOWN)
 
 
 def end(units: Units, launch_id: str) -> Launch | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,11 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.group_commit import LaunchWriter
 from api.metrics import HublaunchCollector
 from api.pages import STATIC_DIR, not_found
 from api.ratelimit import LimitLaunchStarts
 from api.routes import admin, binder, health, launches, metrics, pages
-from worker.broker import Broker, CeleryBroker
+from worker.broker import Broker, make_broker
 from worker.hub_client import HubClient
 from worker.metrics import Recorder
 from worker.notify import redis_url
@@ -165,12 +168,27 @@ def _document(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+_frozen_in = 0  # the pid that froze its startup objects
+
+
+def _freeze_startup_objects() -> None:
+    """Objects made while starting (modules, the app, its routes) live as long as the process:
+    keep them out of the collector's full passes, whose pauses were most of the intake's p99
+    (bench.intake_rate: 149 and 120 ms, 89 and 80 ms frozen). Once a process."""
+    global _frozen_in
+    if _frozen_in != os.getpid():
+        _frozen_in = os.getpid()
+        gc.collect()
+        gc.freeze()
+
+
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
     """``broker`` defaults to Celery on the settings' broker URL (built on first send)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _freeze_startup_objects()
         # Without the service token: the visitor-facing process only asks whether the Hub
         # answers; the worker alone drives it.
         app.state.hub = HubClient(settings.hub_api_url, "", timeout=3.0)
@@ -202,9 +220,12 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     # counts back from there (clients connect on first use, not here).
     app.state.units = Units(
         settings.database_url,
-        broker or CeleryBroker(settings),
+        broker or make_broker(settings),
         recorder=Recorder(store, settings.queue),
     )
+    # Launches are created in batches, one transaction and one publish for all that arrive at
+    # once (api.group_commit).
+    app.state.writer = LaunchWriter(app.state.units, settings.launch_timeout)
     app.state.metrics = CollectorRegistry(auto_describe=False)
     app.state.metrics.register(
         HublaunchCollector(

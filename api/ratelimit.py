@@ -8,6 +8,7 @@ peer is a trusted proxy) and the shared, lazily made Redis client.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -91,7 +92,9 @@ def _period_name(seconds: float) -> str:
 # -- the client's address ----------------------------------------------------------------------
 
 
-def _trusted(spec: str) -> tuple[bool, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+@functools.lru_cache(maxsize=8)
+def _trusted(spec: str) -> tuple[bool, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+    # Cached: parsing the setting on every request was a tenth of a launch's intake.
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     networks = []
     for entry in entries:
@@ -101,10 +104,11 @@ def _trusted(spec: str) -> tuple[bool, list[ipaddress.IPv4Network | ipaddress.IP
             networks.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
             log.warning("forwarded_allow_ips: %r is not an address or network; ignored", entry)
-    return "*" in entries, networks
+    return "*" in entries, tuple(networks)
 
 
-def _is_trusted(host: str, trusted: tuple[bool, list[Any]]) -> bool:
+@functools.lru_cache(maxsize=1024)  # bounded: the hops come from the visitor's header
+def _is_trusted(host: str, trusted: tuple[bool, tuple[Any, ...]]) -> bool:
     everyone, networks = trusted
     if everyone:
         return True

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -356,6 +356,9 @@ class KeptBroker:
 
     def send(self, message: Message) -> None:
         self.messages.append(message)
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        self.messages.extend(messages)
 
 
 def bench_context(

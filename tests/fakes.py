@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -140,6 +140,10 @@ class RecordingBroker:
             if db.get(model, message.argument) is None:
                 raise AssertionError(f"{message.task} sent for {message.argument}, not committed")
         self.sent.append(message)
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.send(message)
 
     def arguments(self, task: str) -> list[str]:
         return [m.argument for m in self.sent if m.task == task]

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from cryptography.fernet import Fernet
 
 from worker import repos
-from worker.broker import CeleryBroker
+from worker.broker import make_broker
 from worker.builders import Builder, make_builder
 from worker.crypto import cipher
 from worker.db import as_utc, utcnow
@@ -61,7 +61,7 @@ def build_context(settings: Settings) -> WorkerContext:
     )
     units = Units(
         settings.database_url,
-        CeleryBroker(settings),
+        make_broker(settings),
         Notifier(settings).publish,
         recorder=recorder,
     )

@@ -13,7 +13,7 @@ from sqlalchemy import CursorResult, Engine, Executable, Update, create_engine, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+_factories: dict[tuple[int, str, bool], sessionmaker[Session]] = {}
 
 
 def utcnow() -> datetime:
@@ -29,9 +29,11 @@ def as_utc_or_none(value: datetime | None) -> datetime | None:
     return as_utc(value) if value is not None else None
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, ping: bool = True) -> Engine:
+    """``ping``: test each connection as it leaves the pool (a round trip), so one that dropped
+    while idle is replaced before use; without, its caller must retry a dropped connection."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {"pool_pre_ping": ping}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -51,11 +53,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    key = (os.getpid(), url)
+def session_factory(url: str, *, ping: bool = True) -> sessionmaker[Session]:
+    key = (os.getpid(), url, ping)
     factory = _factories.get(key)
     if factory is None:
-        factory = sessionmaker(make_engine(url), expire_on_commit=False)
+        factory = sessionmaker(make_engine(url, ping=ping), expire_on_commit=False)
         _factories[key] = factory
     return factory
 
@@ -73,11 +75,18 @@ def reading(url: str) -> Iterator[Session]:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, *, one_statement: bool = False) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error. The service writes through a
     unit of work (``worker.unit_of_work``), which wraps this and adds the outbox; tests and bench
-    scripts use it directly to set up rows."""
-    db = session_factory(url)()
+    scripts use it directly to set up rows.
+
+    ``one_statement``: the caller writes with a single statement (atomic by itself) and retries
+    a dropped connection itself. On PostgreSQL the statement then runs in autocommit, one round
+    trip instead of three (BEGIN, the statement, COMMIT), on a connection not pinged first.
+    """
+    db = session_factory(url, ping=not one_statement)()
+    if one_statement and make_url(url).get_backend_name() == "postgresql":
+        db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     try:
         yield db
         db.commit()

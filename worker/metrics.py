@@ -187,10 +187,15 @@ class Recorder:
             pending, self._pending = self._pending, []
         if self._redis is None or not pending:
             return
-        pipe = self._redis.pipeline(transaction=False)
+        # Summed here first: a busy intake adds the same few fields thousands of times.
+        totals: dict[tuple[str, str], float] = {}
         for item in pending:
             for field, amount in item.fields():
-                pipe.hincrbyfloat(self._prefix + item.family, field, amount)
+                key = (item.family, field)
+                totals[key] = totals.get(key, 0.0) + amount
+        pipe = self._redis.pipeline(transaction=False)
+        for (family, field), amount in totals.items():
+            pipe.hincrbyfloat(self._prefix + family, field, amount)
         try:
             pipe.execute()
         except redis.RedisError as e:

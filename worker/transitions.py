@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ from sqlalchemy import ColumnElement, and_
 from sqlalchemy.orm import Session
 
 from worker.broker import launch_message
+from worker.bulk_insert import NewRow, insert_new
 from worker.db import as_utc, bulk_update, rowcount
 from worker.metrics import observation
 from worker.models import SPEC_KEY_LENGTH, TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
@@ -215,6 +217,16 @@ def new_launch_id() -> str:
     return secrets.token_urlsafe(16)  # 128 bits: the capability to watch and end a launch
 
 
+@dataclass(frozen=True)
+class NewLaunch:
+    """What a launch is created from: its spec, already checked, and its lifetime. The id is
+    chosen here, so writing the launch again after a dropped connection writes the same one."""
+
+    spec: dict[str, Any]
+    lifetime: int
+    id: str = field(default_factory=new_launch_id)
+
+
 def new_hub_user_name(prefix: str) -> str:
     # Hub names are case-insensitive; hex keeps them lower-case and URL-safe. 64 bits of entropy.
     return f"{prefix}{secrets.token_hex(8)}"
@@ -223,23 +235,32 @@ def new_hub_user_name(prefix: str) -> str:
 def create(
     uow: UnitOfWork, spec: dict[str, Any], *, lifetime: int, timeout: int, now: datetime
 ) -> Launch:
-    """A new launch, ``queued``."""
-    launch = Launch(
-        id=new_launch_id(),
-        status=Status.queued,
-        spec=spec,
-        spec_key=spec_key(spec),
-        lifetime=lifetime,
-        created_at=now,
-        updated_at=now,
-        deadline_at=now + timedelta(seconds=timeout),
-    )
-    uow.db.add(launch)
-    uow.db.flush()
-    _event(uow.db, launch.id, Phase.waiting, f"Launch of {describe_spec(spec)} queued", now=now)
-    uow.db.flush()
-    uow.observe(observation("hublaunch_launches_created", provider=provider(spec)))
-    return launch
+    """A new launch, ``queued``, loaded into the unit's session."""
+    (launch_id,) = create_many(uow, [NewLaunch(spec, lifetime)], timeout=timeout, now=now)
+    return uow.db.get_one(Launch, launch_id)
+
+
+def create_many(
+    uow: UnitOfWork, new: Sequence[NewLaunch], *, timeout: int, now: datetime
+) -> list[str]:
+    """New launches, ``queued``; returns their ids. Written in bulk (the intake's group commit,
+    ``api.group_commit``): no object is loaded into the session."""
+    deadline = now + timedelta(seconds=timeout)
+    rows = [
+        NewRow(
+            id=item.id,
+            spec=item.spec,
+            spec_key=spec_key(item.spec),
+            lifetime=item.lifetime,
+            deadline_at=deadline,
+            message=printable(f"Launch of {describe_spec(item.spec)} queued"),
+        )
+        for item in new
+    ]
+    insert_new(uow.db, rows, now)
+    for item in new:
+        uow.observe(observation("hublaunch_launches_created", provider=provider(item.spec)))
+    return [row.id for row in rows]
 
 
 def mark_building(uow: UnitOfWork, launch: Launch, *, deadline: datetime, now: datetime) -> None:

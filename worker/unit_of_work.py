@@ -68,13 +68,13 @@ class Units:
     recorder: Recorder | None = None
 
     @contextmanager
-    def begin(self) -> Iterator[UnitOfWork]:
+    def begin(self, *, one_statement: bool = False) -> Iterator[UnitOfWork]:
         """Commit on success then deliver; roll back and drop everything on error.
 
-        Raises ``Undelivered`` (after the commit) naming the messages the broker refused, once
-        every message was tried: the caller decides what a lost message means.
+        Raises ``Undelivered`` (after the commit) naming the messages the broker refused: the
+        caller decides what a lost message means. ``one_statement``: see ``session_scope``.
         """
-        with session_scope(self.database_url) as db:
+        with session_scope(self.database_url, one_statement=one_statement) as db:
             uow = UnitOfWork(db)
             yield uow
         self._deliver(uow)
@@ -84,14 +84,11 @@ class Units:
             self.doorbell(launch_id)
         if self.recorder is not None:
             self.recorder.add(uow.observations)
-        refused: list[Message] = []
-        reason = ""
-        for message in uow.messages:
-            try:
-                self.broker.send(message)
-            except QueueUnavailable as e:
+        if not uow.messages:
+            return
+        try:
+            self.broker.send_many(uow.messages)
+        except QueueUnavailable as e:
+            for message in uow.messages:
                 log.error("could not send %s %s: %s", message.task, message.argument, e)
-                refused.append(message)
-                reason = str(e)
-        if refused:
-            raise Undelivered(refused, reason)
+            raise Undelivered(list(uow.messages), str(e)) from e

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from api import binder, intake, ratelimit
-from api.deps import SettingsDep, UnitsDep
+from api.deps import SettingsDep, UnitsDep, WriterDep
 from api.events import event_stream, parse_event_id
 from api.pages import page
 from api.schemas import RATE_LIMITED_STREAM, event_stream_response
@@ -96,7 +96,7 @@ def cors_headers(settings: Settings, origin: str | None) -> dict[str, str]:
     # cannot see these parameters; they are declared here.
     openapi_extra={"parameters": binder.BUILD_PARAMETERS},
 )
-def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
+def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: WriterDep) -> Response:
     """Start a launch (or, for a reconnecting EventSource, resume its own) and stream its events
     in BinderHub's shape. Errors arrive as one ``failed`` event, as BinderHub sends them."""
     headers = {
@@ -123,7 +123,7 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep) -> Response:
                     media_type="text/event-stream",
                     headers={**headers, "Retry-After": str(verdict.retry_after)},
                 )
-            launch_id, after = intake.accept(units, settings, spec.request()).id, 0
+            launch_id, after = intake.accept(writer, settings, spec.request()), 0
     except (binder.BadSpec, intake.Refused) as e:
         message = e.message if isinstance(e, intake.Refused) else str(e)
         return StreamingResponse(

@@ -7,10 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api import idempotency, intake, ratelimit
 from api.context import bind_path_launch
-from api.deps import DbDep, SettingsDep, UnitsDep
+from api.deps import DbDep, SettingsDep, UnitsDep, WriterDep
 from api.events import event_stream, parse_event_id
 from api.schemas import (
     BANNED,
@@ -87,14 +88,17 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
             "with another body.",
         },
         **RATE_LIMITED,
-        503: {"model": Problem, "description": "The queue is unavailable; nothing was started."},
+        503: {
+            "model": Problem,
+            "description": "The queue or the database is unavailable; nothing was started.",
+        },
     },
 )
-def create_launch(
+async def create_launch(
     body: LaunchRequest,
     request: Request,
     response: Response,
-    units: UnitsDep,
+    writer: WriterDep,
     settings: SettingsDep,
     key: Annotated[
         str | None,
@@ -106,64 +110,71 @@ def create_launch(
         ),
     ] = None,
 ) -> LaunchAccepted:
+    # Asynchronous, so a launch waiting for its batch (api.group_commit) holds no thread; what
+    # blocks (Redis for the key and the rate, DNS for a repository) runs in one.
     # Nothing below touches the database before the rate check: a flood is answered from Redis.
     client = ratelimit.client_address(request, settings)
     claim: idempotency.Claim | None = None
-    store = ratelimit.shared_redis(settings) if key is not None else None
     if key is not None:
-        try:
-            idempotency.check_key(key)
-            # Without Redis (the embedded dev queue) the key is checked but not kept.
-            found = store and idempotency.claim(
-                store, ratelimit.key_prefix(settings), client, key, body.model_dump(mode="json")
-            )
-        except idempotency.KeyProblem as e:
-            raise HTTPException(e.status, e.message) from e
+        found = await run_in_threadpool(_claim_key, settings, client, key, body)
         if isinstance(found, idempotency.Replay):
             accepted = LaunchAccepted.model_validate(found.answer)
             response.headers["Location"] = accepted.status_url
             response.headers["Idempotent-Replayed"] = "true"
             return accepted
-        claim = found or None
+        claim = found
     try:
         # A replay above starts nothing, so only a request that would start a launch counts;
         # one without a key was counted already, before its body was read (LimitLaunchStarts).
-        counted = getattr(request.state, ratelimit.CHECKED, False)
-        verdict, rate = (ratelimit.ALLOWED, None) if counted else ratelimit.check(settings, client)
-        if not verdict.allowed and rate is not None:
-            raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                verdict.message(rate),
-                headers={"Retry-After": str(verdict.retry_after)},
-            )
-        launch = intake.accept(units, settings, body)
+        if not getattr(request.state, ratelimit.CHECKED, False):
+            verdict, rate = await run_in_threadpool(ratelimit.check, settings, client)
+            if not verdict.allowed and rate is not None:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    verdict.message(rate),
+                    headers={"Retry-After": str(verdict.retry_after)},
+                )
+        launch_id = await intake.accept_async(writer, settings, body)
     except intake.Refused as e:
         if claim is not None:
-            claim.release()
+            await run_in_threadpool(claim.release)
         raise HTTPException(e.status, e.message) from e
     except BaseException:
         if claim is not None:
             claim.release()  # refused or broken: a retry with the key may try again
         raise
-    with bind_launch(launch.id):
-        log.info("launch %s accepted (%s)", launch.id, "repo" if body.repo else "image")
-    status_url = public_url(request, settings, "get_launch", launch_id=launch.id)
+    with bind_launch(launch_id):
+        log.info("launch %s accepted (%s)", launch_id, "repo" if body.repo else "image")
+    # On the public address, never the request's Host header: any visitor can send one, and a
+    # poisoned Location or status_url would send its readers elsewhere.
+    status_url = f"{settings.public_url}{router.prefix}/{launch_id}"
     response.headers["Location"] = status_url
     accepted = LaunchAccepted(
-        id=launch.id,
-        status=launch.status,
+        id=launch_id,
+        status=Status.queued,
         status_url=status_url,
-        events_url=public_url(request, settings, "launch_events", launch_id=launch.id),
+        events_url=f"{status_url}/events",
     )
     if claim is not None:
-        claim.complete(accepted.model_dump(mode="json"))
+        await run_in_threadpool(claim.complete, accepted.model_dump(mode="json"))
     return accepted
 
 
-def public_url(request: Request, settings: Settings, name: str, **params: str) -> str:
-    """A route's URL on the public address, never on the request's Host header: any visitor
-    can send one, and a poisoned Location or status_url would send its readers elsewhere."""
-    return settings.public_url + str(request.app.url_path_for(name, **params))
+def _claim_key(
+    settings: Settings, client: str, key: str, body: LaunchRequest
+) -> idempotency.Claim | idempotency.Replay | None:
+    """Hold ``key`` for this request, or find its answer; None when there is no Redis to keep
+    keys in (the embedded dev queue: the key is checked, not kept)."""
+    try:
+        idempotency.check_key(key)
+        store = ratelimit.shared_redis(settings)
+        if store is None:
+            return None
+        return idempotency.claim(
+            store, ratelimit.key_prefix(settings), client, key, body.model_dump(mode="json")
+        )
+    except idempotency.KeyProblem as e:
+        raise HTTPException(e.status, e.message) from e
 
 
 @router.get("/{launch_id}", response_model=LaunchView, responses=NOT_FOUND)

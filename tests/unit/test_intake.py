@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api import intake
+from api.group_commit import QUEUE_DOWN, LaunchWriter
 from api.schemas import LaunchRequest
 from tests.fakes import RecordingBroker, insert_launch
 from tests.unit.conftest import Clock
@@ -44,6 +45,13 @@ def rows(settings: Settings) -> tuple[int, int]:
         )
 
 
+def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
+    """The intake's accept, through a launch writer of its own on ``units``: the launch."""
+    return load(
+        settings, intake.accept(LaunchWriter(units, settings.launch_timeout), settings, body)
+    )
+
+
 def load(settings: Settings, launch_id: str) -> Launch:
     with session_scope(settings.database_url) as db:
         launch = db.get(Launch, launch_id)
@@ -74,7 +82,7 @@ class SendsBeforeCommit(Units):
     """What the intake would be if it sent inside its transaction."""
 
     @contextmanager
-    def begin(self) -> Iterator[UnitOfWork]:
+    def begin(self, *, one_statement: bool = False) -> Iterator[UnitOfWork]:
         db = session_factory(self.database_url)()
         uow = UnitOfWork(db)
         try:
@@ -94,7 +102,7 @@ def test_an_intake_that_sent_inside_its_transaction_would_be_caught(
 ) -> None:
     units = SendsBeforeCommit(settings.database_url, broker)
     with pytest.raises(AssertionError, match="not committed"):
-        intake.accept(units, settings, LaunchRequest(image="default"))
+        accept(units, settings, LaunchRequest(image="default"))
     assert broker.sent == [] and rows(settings) == (0, 0)
 
 
@@ -149,7 +157,7 @@ def test_refused_messages_are_named_after_the_commit(
 def test_accept_commits_a_queued_launch_then_sends_it(
     units: Units, settings: Settings, broker: RecordingBroker
 ) -> None:
-    launch = intake.accept(units, settings, LaunchRequest(image="default", lifetime=120))
+    launch = accept(units, settings, LaunchRequest(image="default", lifetime=120))
     assert broker.sent == [Message(LAUNCH_TASK, launch.id)]
     stored = load(settings, launch.id)
     assert stored.status == Status.queued and stored.lifetime == 120
@@ -160,14 +168,12 @@ def test_accept_commits_a_queued_launch_then_sends_it(
 def test_accept_defaults_the_lifetime_and_refuses_one_above_the_maximum(
     units: Units, settings: Settings, broker: RecordingBroker
 ) -> None:
-    launch = intake.accept(units, settings, LaunchRequest(image="default"))
+    launch = accept(units, settings, LaunchRequest(image="default"))
     assert load(settings, launch.id).lifetime == settings.session_max_age
     at_max = LaunchRequest(image="default", lifetime=settings.session_max_age)
-    assert load(settings, intake.accept(units, settings, at_max).id).lifetime == (
-        settings.session_max_age
-    )
+    assert load(settings, accept(units, settings, at_max).id).lifetime == (settings.session_max_age)
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(
+        accept(
             units, settings, LaunchRequest(image="default", lifetime=settings.session_max_age + 1)
         )
     assert refused.value.status == 422
@@ -180,11 +186,11 @@ def test_accept_with_the_queue_down_fails_the_launch_and_says_503(
 ) -> None:
     broker.down = True
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(units, settings, LaunchRequest(image="default"))
-    assert refused.value.status == 503 and refused.value.message == intake.QUEUE_DOWN
+        accept(units, settings, LaunchRequest(image="default"))
+    assert refused.value.status == 503 and refused.value.message == QUEUE_DOWN
     with session_scope(settings.database_url) as db:
         [launch] = db.scalars(select(Launch))
-        assert launch.status == Status.failed and launch.error == intake.QUEUE_DOWN
+        assert launch.status == Status.failed and launch.error == QUEUE_DOWN
         assert launch.end_reason == EndReason.failed
         # Nothing was started on the Hub, so no cleanup is owed.
         assert launch.user_removed_at is not None
@@ -198,10 +204,10 @@ def test_accept_refuses_banned_and_malformed_repositories(
 ) -> None:
     banned = settings.model_copy(update={"banned_specs": [r"^https://github\.com/evil/"]})
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(units, banned, LaunchRequest(repo="gh:evil/miner"))
+        accept(units, banned, LaunchRequest(repo="gh:evil/miner"))
     assert refused.value.status == 403
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(units, settings, LaunchRequest(repo="https://127.0.0.1/x"))
+        accept(units, settings, LaunchRequest(repo="https://127.0.0.1/x"))
     assert refused.value.status == 422
     assert rows(settings) == (0, 0) and broker.sent == []
 
@@ -210,7 +216,7 @@ def test_accept_stores_a_repository_as_normalized(
     units: Units, settings: Settings, broker: RecordingBroker
 ) -> None:
     local = settings.model_copy(update={"allow_local_repos": True})  # nothing is resolved
-    launch = intake.accept(units, local, LaunchRequest(repo="file:///srv/o/r"))
+    launch = accept(units, local, LaunchRequest(repo="file:///srv/o/r"))
     # As the builder reads it, not as it was sent: the ref is spelled out.
     assert load(settings, launch.id).spec == {"repo": "file:///srv/o/r", "ref": "HEAD"}
 
@@ -296,7 +302,7 @@ def test_a_refused_launch_is_logged_with_its_id_and_the_reason(
 ) -> None:
     broker.down = True
     with pytest.raises(intake.Refused):
-        intake.accept(units, settings, LaunchRequest(image="default"))
+        accept(units, settings, LaunchRequest(image="default"))
     with session_scope(settings.database_url) as db:
         launch_id = db.scalars(select(Launch.id)).one()
     assert (
@@ -324,7 +330,7 @@ def test_a_launch_failed_meanwhile_is_left_failed_when_the_queue_refuses(
 ) -> None:
     units = Units(settings.database_url, FailsMeanwhile(settings.database_url))
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(units, settings, LaunchRequest(image="default"))
+        accept(units, settings, LaunchRequest(image="default"))
     assert refused.value.status == 503
     with session_scope(settings.database_url) as db:
         launch = db.scalars(select(Launch)).one()

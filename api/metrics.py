@@ -29,6 +29,7 @@ from sqlalchemy import String, cast, func, select
 from worker import metrics
 from worker.db import as_utc, reading, utcnow
 from worker.models import Launch, Status
+from worker.pool_config import pools
 from worker.settings import Settings
 from worker.transitions import describe_spec
 
@@ -114,6 +115,11 @@ class HublaunchCollector(Collector):
             oldest_queued = db.scalar(
                 select(func.min(Launch.created_at)).where(active, Launch.status == Status.queued)
             )
+            pooled = db.execute(
+                select(Launch.pool_key, Launch.status, func.count())
+                .where(active, Launch.pool_key.is_not(None), Launch.end_requested_at.is_(None))
+                .group_by(Launch.pool_key, Launch.status)
+            ).all()
             expired = db.scalar(
                 select(func.count()).where(
                     active,
@@ -133,6 +139,7 @@ class HublaunchCollector(Collector):
             launches.add_metric([status.value], count)
         yield launches
         yield _sessions_by_spec(specs)
+        yield _pool_servers(self.settings, pooled)
         backlog = GaugeMetricFamily(
             "hublaunch_queue_oldest_seconds",
             "Age of the oldest launch still queued (0 when none is).",
@@ -198,6 +205,26 @@ def _histogram(family: metrics.Family, fields: dict[str, float]) -> Metric:
         buckets.append(("+Inf", parts.get("+Inf", 0.0)))
         metric.add_metric(list(values), buckets, parts.get("sum", 0.0))
     return metric
+
+
+def _pool_servers(settings: Settings, rows: Any) -> Metric:
+    """Each warm pool's servers: wanted (the setting), starting and ready (``pooled``)."""
+    gauge = GaugeMetricFamily(
+        "hublaunch_pool_servers",
+        "Warm-pool servers by pool and state: wanted (its size), starting, ready.",
+        labels=["pool", "state"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for pool in pools(settings):
+        counts[(pool.key, "wanted")] = pool.size
+        counts[(pool.key, "starting")] = 0
+        counts[(pool.key, "ready")] = 0
+    for key, status, count in rows:
+        state = "ready" if status == Status.pooled else "starting"
+        counts[(str(key), state)] = counts.get((str(key), state), 0) + count
+    for (key, state), count in sorted(counts.items()):
+        gauge.add_metric([key, state], count)
+    return gauge
 
 
 def _sessions_by_spec(rows: Any) -> Metric:

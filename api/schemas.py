@@ -236,3 +236,13 @@ class AdminSummary(BaseModel):
     ready: int = Field(description="Launches that became ready in the window (at most 10,000).")
     time_to_ready_p50: float | None = Field(description="Seconds from created to ready.")
     time_to_ready_p95: float | None
+
+
+class AdminPool(BaseModel):
+    """One warm pool (``HUBLAUNCH_POOL``): how many servers it keeps, and holds now."""
+
+    pool: str = Field(description='What launches it serves: "image:<name>" or "repo:<url>@<ref>".')
+    spec: dict[str, Any] = Field(description="The spec its servers are started with.")
+    size: int = Field(description="Servers it keeps ready (the setting).")
+    ready: int = Field(description="Servers running and never used, waiting for a launch.")
+    starting: int = Field(description="Servers being started to refill it.")

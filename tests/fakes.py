@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from worker import transitions
-from worker.broker import BUILD_TASK, Message, QueueUnavailable
+from worker.broker import BUILD_TASK, POOL_TASK, Message, QueueUnavailable
 from worker.db import session_scope, utcnow
 from worker.hub_client import (
     HubNotFound,
@@ -137,7 +137,7 @@ class RecordingBroker:
             raise QueueUnavailable("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
         model: type[Launch] | type[Build] = Build if message.task == BUILD_TASK else Launch
         with session_scope(self.database_url) as db:
-            if db.get(model, message.argument) is None:
+            if message.task != POOL_TASK and db.get(model, message.argument) is None:
                 raise AssertionError(f"{message.task} sent for {message.argument}, not committed")
         self.sent.append(message)
 

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # How often a waiting launch asks again (a Celery retry each time).
 POLL_SECONDS = 2.0
-# Statuses that hold, or are about to hold, a Hub server.
-ACTIVE = (Status.launching, Status.ready)
+# Statuses that hold, or are about to hold, a Hub server (a pooled one counts: issue 12).
+ACTIVE = (Status.launching, Status.pooled, Status.ready)
 # Statuses a launch can wait in (it has no Hub user yet).
 WAITING = (Status.queued, Status.building)
 # Derivation of the default cap: the sandbox's default session memory (HUBLAUNCH_SESSION_MEMORY,

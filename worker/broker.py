@@ -27,6 +27,7 @@ TEARDOWN_TASK = "hublaunch.teardown"
 CULL_TASK = "hublaunch.cull"
 RECOVER_TASK = "hublaunch.recover"
 BUILD_TASK = "hublaunch.build"
+POOL_TASK = "hublaunch.pool"
 
 
 class QueueUnavailable(Exception):
@@ -52,6 +53,11 @@ def teardown_message(launch_id: str, *, countdown: float | None = None) -> Messa
 
 def build_message(name: str) -> Message:
     return Message(BUILD_TASK, name)
+
+
+def pool_message() -> Message:
+    """Top the warm pools up now (worker/pool.py); the argument is unused."""
+    return Message(POOL_TASK, "refill")
 
 
 class Broker(Protocol):

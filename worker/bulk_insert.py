@@ -31,17 +31,18 @@ class NewRow:
     lifetime: int
     deadline_at: datetime
     message: str
+    pool_key: str | None = None
 
 
 # The events' foreign key is checked at the end of the statement, when both tables are written.
 _POSTGRESQL = """
 WITH new_launch AS (
     INSERT INTO launches
-        (id, status, spec, spec_key, lifetime, created_at, updated_at, deadline_at)
-    SELECT id, %(status)s, spec, spec_key, lifetime, %(now)s, %(now)s, deadline_at
+        (id, status, spec, spec_key, lifetime, created_at, updated_at, deadline_at, pool_key)
+    SELECT id, %(status)s, spec, spec_key, lifetime, %(now)s, %(now)s, deadline_at, pool_key
     FROM unnest(%(id)s::varchar[], %(spec)s::json[], %(spec_key)s::varchar[],
-                %(lifetime)s::int[], %(deadline_at)s::timestamptz[])
-        AS t(id, spec, spec_key, lifetime, deadline_at)
+                %(lifetime)s::int[], %(deadline_at)s::timestamptz[], %(pool_key)s::varchar[])
+        AS t(id, spec, spec_key, lifetime, deadline_at, pool_key)
 )
 INSERT INTO launch_events (launch_id, phase, message, created_at)
 SELECT id, %(phase)s, message, %(now)s
@@ -65,6 +66,7 @@ def insert_new(db: Session, rows: Sequence[NewRow], now: datetime) -> None:
                 "lifetime": [row.lifetime for row in rows],
                 "deadline_at": [row.deadline_at for row in rows],
                 "message": [row.message for row in rows],
+                "pool_key": [row.pool_key for row in rows],
             },
         )
         return
@@ -80,6 +82,7 @@ def insert_new(db: Session, rows: Sequence[NewRow], now: datetime) -> None:
                 "created_at": now,
                 "updated_at": now,
                 "deadline_at": row.deadline_at,
+                "pool_key": row.pool_key,
             }
             for row in rows
         ],

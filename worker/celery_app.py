@@ -10,7 +10,14 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
-from worker.broker import BUILD_TASK, CULL_TASK, LAUNCH_TASK, RECOVER_TASK, TEARDOWN_TASK
+from worker.broker import (
+    BUILD_TASK,
+    CULL_TASK,
+    LAUNCH_TASK,
+    POOL_TASK,
+    RECOVER_TASK,
+    TEARDOWN_TASK,
+)
 from worker.db import dispose_all
 from worker.logs import bind_build, bind_launch, configure, configured
 from worker.settings import Settings, get_settings
@@ -54,6 +61,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.recover_interval,
                 "options": {"expires": settings.recover_interval},
             },
+            # The warm pools are topped up (worker/pool.py); with no pool set, nothing runs.
+            **(
+                {
+                    "refill-pools": {
+                        "task": POOL_TASK,
+                        "schedule": settings.pool_interval,
+                        "options": {"expires": settings.pool_interval},
+                    }
+                }
+                if settings.pool
+                else {}
+            ),
         },
         "include": ["worker.tasks"],
     }

@@ -87,6 +87,9 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
                         condition = and_(Launch.hub_user.in_(names), Launch.ready_at < listed_at)
                         for launch_id, user in claims.end(reason, condition):
                             claimed.append(("stopped", user, launch_id))
+                        # A pooled server that stopped is drained (the pool starts another).
+                        for launch_id, user in claims.drain_pooled(condition):
+                            claimed.append(("stopped", user, launch_id))
                 for names in _chunks(_idle_names(ctx, hub_users, now)):
                     for launch_id, user in claims.end(EndReason.idle, Launch.hub_user.in_(names)):
                         claimed.append(("idle", user, launch_id))
@@ -237,6 +240,19 @@ class _Claims:
         message = transitions.timeout_message(timeout)
         return transitions.fail_stuck(self.uow, where, message, lease=self.lease, now=self.now)
 
+    def drain_pooled(self, condition: ColumnElement[bool]) -> Claimed:
+        """Pooled servers matching ``condition`` (stopped): drained, their user removed."""
+        where = and_(
+            _active(),
+            _lease_free(self.now),
+            condition,
+            Launch.status == Status.pooled,
+            Launch.end_requested_at.is_(None),
+        )
+        if self.dry_run:
+            return self._read(where)
+        return transitions.drain_stopped(self.uow, where, lease=self.lease, now=self.now)
+
     def owed_removals(self) -> Claimed:
         """Ended or failed launches whose Hub user was never confirmed gone (a lost teardown
         message, a Hub that was down, a server that was still stopping last pass)."""
@@ -244,7 +260,10 @@ class _Claims:
             _active(),
             or_(
                 Launch.status.in_((Status.failed, Status.ended)),
-                and_(Launch.status == Status.ready, Launch.end_requested_at.is_not(None)),
+                and_(
+                    Launch.status.in_((Status.ready, Status.pooled)),
+                    Launch.end_requested_at.is_not(None),
+                ),
             ),
             Launch.updated_at < self.now - REMOVAL_GRACE,
             _lease_free(self.now),
@@ -306,7 +325,7 @@ def _ghosts(
     ready = uow.db.execute(
         select(Launch.id, Launch.hub_user).where(
             _active(),
-            Launch.status == Status.ready,
+            Launch.status.in_((Status.ready, Status.pooled)),
             Launch.end_requested_at.is_(None),
             Launch.ready_at < listed_at,  # a session that became ready after the listing is fine
         )

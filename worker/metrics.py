@@ -108,6 +108,19 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("hublaunch_cleanup_passes", "counter", "Cleanup passes run."),
         Family(
+            "hublaunch_pool_claims",
+            "counter",
+            "Launches of a pooled spec, by outcome: hit (a pooled server handed over) or miss.",
+            ("outcome",),
+        ),
+        Family(
+            "hublaunch_pool_claim_seconds",
+            "histogram",
+            "How long a hit took to hand a pooled server over (the database's part).",
+            (),
+            HUB_BUCKETS,
+        ),
+        Family(
             "hublaunch_hub_requests",
             "counter",
             "Requests to the Hub's REST API, by endpoint family and status code.",

@@ -40,6 +40,8 @@ class Status(enum.StrEnum):
     queued = "queued"
     building = "building"
     launching = "launching"
+    # A warm-pool server, running and never used, waiting for a visitor (worker/pool.py).
+    pooled = "pooled"
     ready = "ready"
     failed = "failed"
     ended = "ended"
@@ -56,11 +58,17 @@ class Phase(enum.StrEnum):
     building = "building"
     built = "built"
     launching = "launching"
+    # A warm-pool server, running and never used, waiting for a visitor (worker/pool.py).
+    pooled = "pooled"
     ready = "ready"
     failed = "failed"
 
 
 class EndReason(enum.StrEnum):
+    # A pooled server went to a visitor's launch, which owns its Hub user from then on.
+    handed_over = "handed_over"
+    # A pooled server no longer wanted (the pool shrank, or its repository has a new commit).
+    drained = "drained"
     expired = "expired"
     idle = "idle"
     requested = "requested"
@@ -77,6 +85,7 @@ Timestamp = DateTime(timezone=True)
 # An image name is at most 256 characters and a repository URL 2048 (worker/repos.py): keys
 # of longer URLs are cut, which only makes two such repositories share one cap.
 SPEC_KEY_LENGTH = 512
+POOL_KEY_LENGTH = 640  # a repository's key and its ref
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -138,6 +147,8 @@ class Launch(Base):
     spec_key: Mapped[str | None] = mapped_column(String(SPEC_KEY_LENGTH), index=True)
     # Servers started for this launch that did not come up (each try gets a fresh one).
     spawn_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set on a warm-pool launch (worker/pool.py): the pool it fills. None for a visitor's.
+    pool_key: Mapped[str | None] = mapped_column(String(POOL_KEY_LENGTH), index=True)
 
     __table_args__ = (
         # Rows whose Hub user may still exist: everything live plus owed removals. Every query

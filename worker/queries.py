@@ -237,3 +237,23 @@ def summary(db: Session, *, now: datetime, window: int) -> Summary:
         ready=len(durations),
         time_to_ready=durations,
     )
+
+
+def pool_counts(db: Session) -> dict[str, dict[str, int]]:
+    """Warm-pool servers by pool key: ``starting`` (still launching) and ``ready`` (pooled),
+    not counting those being drained."""
+    rows = db.execute(
+        select(Launch.pool_key, Launch.status, func.count())
+        .where(
+            Launch.pool_key.is_not(None),
+            Launch.user_removed_at.is_(None),
+            Launch.end_requested_at.is_(None),
+            Launch.status.in_((Status.queued, Status.building, Status.launching, Status.pooled)),
+        )
+        .group_by(Launch.pool_key, Launch.status)
+    ).all()
+    counts: dict[str, dict[str, int]] = {}
+    for key, state, count in rows:
+        entry = counts.setdefault(str(key), {"starting": 0, "ready": 0})
+        entry["ready" if state == Status.pooled else "starting"] += int(count)
+    return counts

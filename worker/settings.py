@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # Seconds a /build launch not yet ready may stay without a watcher before it is ended (the
     # visitor closed the page); a reconnect within it keeps the launch.
     build_watch_grace: float = Field(30.0, ge=0)
+    # Warm pool (worker/pool.py): ready servers kept per spec, "<spec>=<n>" comma-separated:
+    # images by name, repositories by spec and ref ("default=3,gh:org/repo@main=2"). Empty: none.
+    pool: str = ""
+    # Seconds between the pool's refill passes (a claim also asks for one at once).
+    pool_interval: float = Field(5.0, gt=0)
 
     @field_validator("client_rate")
     @classmethod
@@ -125,6 +130,19 @@ class Settings(BaseSettings):
                 "or 0 for no limit"
             )
         return "" if int(count) == 0 else f"{int(count)}/{period}"
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_sizes(cls, value: str) -> str:
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            spec, sep, size = entry.rpartition("=")
+            if not sep or not spec.strip() or not size.strip().isdigit():
+                raise ValueError(
+                    f"pool: {entry!r} must read <spec>=<n>, e.g. default=3 or gh:org/repo@main=2"
+                )
+        return value
 
     @field_validator("hub_api_url", "public_url")
     @classmethod

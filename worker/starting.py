@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from worker import admission, builds, transitions
+from worker import admission, builds, pool, transitions
 from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
@@ -122,7 +122,7 @@ def _timed_out(ctx: WorkerContext, launch_id: str) -> str:
 def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
-        if launch is None or launch.is_terminal or launch.status == Status.ready:
+        if launch is None or launch.is_terminal or launch.status in (Status.ready, Status.pooled):
             return DONE
         ending = launch.end_requested_at is not None
         if ending:
@@ -130,8 +130,19 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         elif ctx.clock() >= ctx.deadline(launch):
             raise LaunchTimedOut
         repo = launch.spec.get("repo")
+        # A visitor's launch not yet started may take a server from the warm pool.
+        may_claim = launch.status == Status.queued and launch.pool_key is None
+        spec = launch.spec
     if ending:
         return handoff(teardown(ctx, launch_id))
+    if may_claim and ctx.settings.pool:
+        name = pool.claim(ctx, launch_id, spec)
+        if name is not None:
+            if pool.alive(ctx, name):
+                return _issue_token(ctx, launch_id, name, None)
+            # Died in the pool: never handed out. This launch starts a fresh server for the
+            # same (never used) user, as any launch would, from the spawn on.
+            log.warning("launch %s: the pooled server of %s is gone; starting one", launch_id, name)
     if repo is not None:
         image_or_wait = _environment(ctx, launch_id)
         if isinstance(image_or_wait, Outcome):
@@ -268,11 +279,23 @@ def _progress(ctx: WorkerContext, launch_id: str, message: str) -> None:
             transitions.note(uow, launch, Phase.launching, message, now=ctx.clock(), progress=True)
 
 
-def _issue_token(ctx: WorkerContext, launch_id: str, name: str, spawn_seconds: float) -> Outcome:
+def _issue_token(
+    ctx: WorkerContext, launch_id: str, name: str, spawn_seconds: float | None
+) -> Outcome:
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.status != Status.launching:
             return DONE
+        if launch.pool_key is not None:
+            # A warm-pool server: no visitor yet, so no token; it waits in the pool.
+            if transitions.mark_pooled(uow, launch, now=ctx.clock()):
+                log.info("launch %s pooled as %s", launch_id, name)
+                return DONE
+            if launch.end_requested_at is None or launch.status != Status.launching:
+                return DONE
+            transitions.mark_ended(uow, launch, now=ctx.clock())
+    if launch.pool_key is not None:
+        return handoff(teardown(ctx, launch_id))
     # The token opens this one user's server only and dies with the session.
     token = ctx.hub.create_token(
         name,

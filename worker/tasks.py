@@ -10,12 +10,13 @@ from datetime import timedelta
 from typing import Any
 
 from worker import abandon as abandoned
-from worker import builds, claims, cull, starting, teardown
+from worker import builds, claims, cull, pool, starting, teardown
 from worker.broker import (
     ABANDON_TASK,
     BUILD_TASK,
     CULL_TASK,
     LAUNCH_TASK,
+    POOL_TASK,
     RECOVER_TASK,
     TEARDOWN_TASK,
     teardown_message,
@@ -65,6 +66,14 @@ def recover() -> int:
     ctx = worker_context()
     unclaimed_after = timedelta(seconds=ctx.settings.redispatch_after)
     return len(claims.recover(ctx.units, now=ctx.clock(), unclaimed_after=unclaimed_after))
+
+
+# The warm pools (worker/pool.py): a pass that overlaps another may start a server too many,
+# which the next drains; a lost pass is done by the next one.
+@app.task(name=POOL_TASK, acks_late=False, soft_time_limit=60, time_limit=90)
+def refill_pools(_reason: str = "") -> int:
+    report = pool.maintain(worker_context())
+    return sum(report.started.values())
 
 
 # Builds are long and not safe to run twice at once; the builds row (heartbeat) is what

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.orm import Session
 
 from worker.broker import launch_message
@@ -41,7 +41,9 @@ STARTING = (Status.queued, Status.building, Status.launching)
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.queued: frozenset({Status.building, Status.launching, Status.failed, Status.ended}),
     Status.building: frozenset({Status.launching, Status.failed, Status.ended}),
-    Status.launching: frozenset({Status.ready, Status.failed, Status.ended}),
+    Status.launching: frozenset({Status.ready, Status.pooled, Status.failed, Status.ended}),
+    # Handed over to a visitor's launch, drained, or found gone: its row ends either way.
+    Status.pooled: frozenset({Status.ended}),
     Status.ready: frozenset({Status.ended}),
     Status.failed: frozenset(),
     Status.ended: frozenset(),
@@ -241,7 +243,12 @@ def create(
 
 
 def create_many(
-    uow: UnitOfWork, new: Sequence[NewLaunch], *, timeout: int, now: datetime
+    uow: UnitOfWork,
+    new: Sequence[NewLaunch],
+    *,
+    timeout: int,
+    now: datetime,
+    pool_keys: Sequence[str] | None = None,
 ) -> list[str]:
     """New launches, ``queued``; returns their ids. Written in bulk (the intake's group commit,
     ``api.group_commit``): no object is loaded into the session."""
@@ -254,8 +261,9 @@ def create_many(
             lifetime=item.lifetime,
             deadline_at=deadline,
             message=printable(f"Launch of {describe_spec(item.spec)} queued"),
+            pool_key=pool_keys[i] if pool_keys is not None else None,
         )
-        for item in new
+        for i, item in enumerate(new)
     ]
     insert_new(uow.db, rows, now)
     for item in new:
@@ -358,6 +366,124 @@ def mark_ready(
                 observation("hublaunch_launch_spawn_seconds", spawn_seconds, provider=spec_provider)
             )
     return bool(became_ready)
+
+
+def mark_pooled(uow: UnitOfWork, launch: Launch, *, now: datetime) -> bool:
+    """A warm-pool launch's server is up: ``launching`` -> ``pooled`` (no token, no lifetime:
+    those start when a visitor's launch takes it), unless its end was asked for meanwhile."""
+    pooled = rowcount(
+        uow.db,
+        bulk_update(Launch)
+        .where(
+            Launch.id == launch.id,
+            Launch.status == Status.launching,
+            Launch.pool_key.is_not(None),
+            Launch.end_requested_at.is_(None),
+        )
+        .values(status=Status.pooled, ready_at=now, updated_at=now),
+    )
+    uow.db.refresh(launch)
+    if pooled:
+        note(uow, launch, Phase.ready, "Server ready in the warm pool", now=now)
+    return bool(pooled)
+
+
+def pooled_candidate(uow: UnitOfWork, key: str) -> str | None:
+    """The pooled server of ``key`` that has waited longest, locked for this transaction on
+    PostgreSQL (others skip it: concurrent claims take different servers)."""
+    return uow.db.scalar(
+        select(Launch.id)
+        .where(
+            Launch.pool_key == key,
+            Launch.status == Status.pooled,
+            Launch.end_requested_at.is_(None),
+            Launch.user_removed_at.is_(None),
+        )
+        .order_by(Launch.ready_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def hand_over(uow: UnitOfWork, pooled_id: str, launch_id: str, *, now: datetime) -> str | None:
+    """Move a pooled server's Hub user to a visitor's ``queued`` launch, which becomes
+    ``launching``; the pooled row ends (``handed_over``) with nothing left to remove. Both
+    UPDATEs are conditional, in the caller's one transaction: a server goes to one launch, ever.
+    Returns the user's name, or None (the server or the launch was taken meanwhile)."""
+    launch = uow.db.get(Launch, launch_id, with_for_update=True)
+    if (
+        launch is None
+        or launch.status != Status.queued
+        or launch.hub_user is not None
+        or launch.end_requested_at is not None
+    ):
+        return None
+    pooled = uow.db.execute(
+        select(Launch.hub_user, Launch.commit, Launch.env_name).where(Launch.id == pooled_id)
+    ).first()
+    if pooled is None or pooled.hub_user is None:
+        return None
+    name: str = pooled.hub_user
+    released = rowcount(
+        uow.db,
+        bulk_update(Launch)
+        .where(
+            Launch.id == pooled_id,
+            Launch.status == Status.pooled,
+            Launch.end_requested_at.is_(None),
+            Launch.user_removed_at.is_(None),
+        )
+        .values(
+            status=Status.ended,
+            end_reason=EndReason.handed_over,
+            hub_user=None,
+            ended_at=now,
+            updated_at=now,
+            user_removed_at=now,
+        ),
+    )
+    if not released:
+        return None
+    # The environment goes along: a repository launch whose pooled server turns out dead
+    # starts a fresh one from the same build.
+    taken = rowcount(
+        uow.db,
+        bulk_update(Launch)
+        .where(Launch.id == launch_id, Launch.status == Status.queued, Launch.hub_user.is_(None))
+        .values(
+            hub_user=name,
+            status=Status.launching,
+            commit=pooled.commit,
+            env_name=pooled.env_name,
+            updated_at=now,
+        ),
+    )
+    if not taken:  # locked above: cannot happen; never leave the server ownerless
+        raise IllegalTransition(launch_id, launch.status, Status.launching)
+    uow.db.refresh(launch)
+    _picked_up(uow, launch, now)
+    note(uow, launch, Phase.launching, "Taking a ready server from the warm pool", now=now)
+    return name
+
+
+def drain_pool(uow: UnitOfWork, launch_ids: Sequence[str], *, now: datetime) -> list[str]:
+    """Warm-pool launches no longer wanted, still starting or pooled: their end is asked for
+    (``drained``); the ids whose teardown the caller must send (a pooled one: nothing else
+    runs for it; a starting one's launch task sees the flag and ends it itself)."""
+    if not launch_ids:
+        return []
+    rows = uow.db.execute(
+        bulk_update(Launch)
+        .where(
+            Launch.id.in_(launch_ids),
+            Launch.pool_key.is_not(None),
+            Launch.status.in_((*STARTING, Status.pooled)),
+            Launch.end_requested_at.is_(None),
+        )
+        .values(end_requested_at=now, end_reason=EndReason.drained, updated_at=now)
+        .returning(Launch.id, Launch.status)
+    ).all()
+    return [row.id for row in rows if row.status == Status.pooled]
 
 
 def mark_failed(
@@ -519,13 +645,31 @@ def request_ends(
     return [(launch_id, user) for launch_id, user, _spec in claimed]
 
 
+def drain_stopped(
+    uow: UnitOfWork, where: ColumnElement[bool], *, lease: datetime, now: datetime
+) -> Claimed:
+    """Pooled servers matching ``where`` stopped: drained (the cleanup pass removes them)."""
+    claimed = _claim(
+        uow,
+        and_(where, Launch.status == Status.pooled, Launch.end_requested_at.is_(None)),
+        {
+            "end_requested_at": now,
+            "end_reason": EndReason.drained,
+            "updated_at": now,
+            "lease_until": lease,
+        },
+    )
+    return [(launch_id, user) for launch_id, user, _spec in claimed]
+
+
 def end_gone(uow: UnitOfWork, launch_ids: Sequence[str], *, now: datetime) -> Claimed:
-    """Ready sessions whose Hub user vanished -> ``ended`` (gone), nothing left to remove."""
+    """Ready sessions (and pooled servers) whose Hub user vanished -> ``ended`` (gone),
+    nothing left to remove."""
     claimed = _claim(
         uow,
         and_(
             Launch.id.in_(launch_ids),
-            Launch.status == Status.ready,
+            Launch.status.in_((Status.ready, Status.pooled)),
             Launch.user_removed_at.is_(None),
         ),
         {

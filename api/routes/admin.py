@@ -16,10 +16,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import intake
 from api.deps import DbDep, SettingsDep, UnitsDep
-from api.schemas import AdminSession, AdminSessionPage, AdminSpecCount, AdminSummary, Problem
+from api.schemas import (
+    AdminPool,
+    AdminSession,
+    AdminSessionPage,
+    AdminSpecCount,
+    AdminSummary,
+    Problem,
+)
 from worker import queries
 from worker.db import as_utc, as_utc_or_none, utcnow
 from worker.models import Launch, Status
+from worker.pool_config import pools
 
 DISABLED = "The admin API is disabled; set HUBLAUNCH_ADMIN_TOKEN to enable it."
 MISSING_CREDENTIALS = "The admin API needs the admin token: send 'Authorization: Bearer <token>'."
@@ -148,6 +156,22 @@ def end_session(launch_id: str, units: UnitsDep) -> AdminSession:
     if launch is None:
         raise not_found
     return admin_view(launch)
+
+
+@router.get("/pool", response_model=list[AdminPool])
+def warm_pools(db: DbDep, settings: SettingsDep) -> list[AdminPool]:
+    """The warm pools the settings ask for, with the servers each holds now."""
+    counts = queries.pool_counts(db)
+    return [
+        AdminPool(
+            pool=pool.key,
+            spec=pool.spec,
+            size=pool.size,
+            ready=counts.get(pool.key, {}).get("ready", 0),
+            starting=counts.get(pool.key, {}).get("starting", 0),
+        )
+        for pool in pools(settings)
+    ]
 
 
 @router.get("/summary", response_model=AdminSummary)

@@ -27,6 +27,7 @@ REPO = {"repo": "https://github.com/owner/repo", "ref": "main"}
 ROUTES = [
     ("GET", "/api/admin/sessions"),
     ("GET", "/api/admin/summary"),
+    ("GET", "/api/admin/pool"),
     ("DELETE", "/api/admin/sessions/some-id"),
 ]
 
@@ -504,3 +505,49 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert percentile([10, 20, 30, 40, 50], 50) == 30
     assert percentile([50, 10, 40, 20, 30], 95) == pytest.approx(48)
     assert percentile(list(range(101)), 95) == pytest.approx(95)
+
+
+def test_the_pool_page_shows_each_pool_with_its_servers(
+    admin_settings: Settings, broker: RecordingBroker
+) -> None:
+    settings = admin_settings.model_copy(update={"pool": "default=3,gh:owner/repo@main=1"})
+    now = utcnow()
+    add(settings, {"image": "default"}, created=now, status=Status.pooled, pool_key="image:default")
+    add(
+        settings,
+        {"image": "default"},
+        created=now,
+        status=Status.launching,
+        pool_key="image:default",
+    )
+    add(
+        settings,
+        {"image": "default"},
+        created=now,
+        status=Status.pooled,
+        pool_key="image:default",
+        end_requested_at=now,  # being drained: not counted
+    )
+    add(settings, {"image": "default"}, created=now, status=Status.ready)  # a visitor's
+    with TestClient(create_app(settings, broker=broker)) as client:
+        assert client.get("/api/admin/pool").status_code == 401
+        page = client.get("/api/admin/pool", headers=AUTH).json()
+        metrics = client.get("/metrics", headers=AUTH).text
+    assert page == [
+        {
+            "pool": "image:default",
+            "spec": {"image": "default"},
+            "size": 3,
+            "ready": 1,
+            "starting": 1,
+        },
+        {
+            "pool": "repo:https://github.com/owner/repo@main",
+            "spec": REPO,
+            "size": 1,
+            "ready": 0,
+            "starting": 0,
+        },
+    ]
+    assert 'hublaunch_pool_servers{pool="image:default",state="wanted"} 3.0' in metrics
+    assert 'hublaunch_pool_servers{pool="image:default",state="ready"} 1.0' in metrics

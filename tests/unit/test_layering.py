@@ -26,6 +26,8 @@ API_MAY_IMPORT = {
     "worker.metrics",
     "worker.models",
     "worker.notify",
+    # Which warm pools the settings ask for (metrics and the admin API show them).
+    "worker.pool_config",
     "worker.queries",
     "worker.repos",
     "worker.settings",

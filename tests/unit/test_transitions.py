@@ -74,7 +74,8 @@ def test_the_table() -> None:
     assert {
         Status.queued: {Status.building, Status.launching, Status.failed, Status.ended},
         Status.building: {Status.launching, Status.failed, Status.ended},
-        Status.launching: {Status.ready, Status.failed, Status.ended},
+        Status.launching: {Status.ready, Status.pooled, Status.failed, Status.ended},
+        Status.pooled: {Status.ended},
         Status.ready: {Status.ended},
         Status.failed: set(),
         Status.ended: set(),
@@ -476,18 +477,20 @@ def test_request_ends_claims_only_ready_launches_not_yet_asked(
     assert load(settings, asked).end_reason is None
 
 
-def test_end_gone_ends_only_ready_launches_with_a_user_owed(
+def test_end_gone_ends_only_ready_or_pooled_launches_with_a_user_owed(
     settings: Settings, units: Units, clock: Clock
 ) -> None:
     ids = {status: put(settings, clock(), status) for status in Status}
     removed = put(settings, clock(), Status.ready, user_removed_at=clock() - timedelta(1))
     with units.begin() as uow:
         claimed = transitions.end_gone(uow, [*ids.values(), removed], now=clock())
-        assert uow.notices == [ids[Status.ready]]
-    assert [launch_id for launch_id, _ in claimed] == [ids[Status.ready]]
-    stored = load(settings, ids[Status.ready])
-    assert stored.status == Status.ended and stored.end_reason == EndReason.gone
-    assert at(stored.user_removed_at) == clock()
+        gone = {ids[Status.ready], ids[Status.pooled]}
+        assert set(uow.notices) == gone
+    assert {launch_id for launch_id, _ in claimed} == gone
+    for launch_id in gone:
+        stored = load(settings, launch_id)
+        assert stored.status == Status.ended and stored.end_reason == EndReason.gone
+        assert at(stored.user_removed_at) == clock()
     assert load(settings, removed).status == Status.ready
 
 

@@ -1,0 +1,193 @@
+"""The warm pool on a real stack (JupyterHub + proxy + app + worker, Redis, PostgreSQL), with the
+fake spawner taking START_DELAY s a server, so a launch that took a pooled server is told apart
+from one that started its own by its time alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from hublaunch.stack import Stack
+from tests.integration.conftest import run_cull, start_stack, wait_for
+from worker import pool
+from worker.context import WorkerContext, build_context
+from worker.db import session_scope
+from worker.hub_client import HubClient
+from worker.models import EndReason, Launch, LaunchEvent, Status
+
+SIZE = 5
+START_DELAY = 3.0
+FROM_POOL = "Taking a ready server from the warm pool"
+
+
+@pytest.fixture(scope="module")
+def pool_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+) -> Iterator[Stack]:
+    stack = start_stack(
+        tmp_path_factory,
+        "pool",
+        make_database("pool"),
+        redis_url,
+        spawner="fake",
+        # Enough worker threads to start every launch of a burst at once.
+        worker_concurrency=64,
+        env={
+            "HUBLAUNCH_POOL": f"default={SIZE}",
+            "HUBLAUNCH_FAKE_START_DELAY": str(START_DELAY),
+        },
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def ctx(pool_stack: Stack) -> WorkerContext:
+    """The worker's context, in this process: the tests run the pool's passes themselves."""
+    return build_context(pool_stack.settings(pool=f"default={SIZE}", max_active=1000))
+
+
+def pooled(stack: Stack) -> list[Launch]:
+    with session_scope(stack.config.database_url) as db:
+        return list(
+            db.scalars(
+                select(Launch).where(Launch.status == Status.pooled).order_by(Launch.ready_at)
+            )
+        )
+
+
+def full(stack: Stack, ctx: WorkerContext) -> list[Launch]:
+    pool.maintain(ctx)
+    return wait_for(lambda: len(pooled(stack)) == SIZE and pooled(stack), 30, "a full pool")
+
+
+def post(api: httpx.Client) -> str:
+    response = api.post("/api/launches", json={"image": "default"})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def launch_and_wait(api: httpx.Client) -> tuple[dict[str, object], float]:
+    started = time.monotonic()
+    return wait_ready(api, post(api)), time.monotonic() - started
+
+
+def wait_ready(api: httpx.Client, launch_id: str) -> dict[str, object]:
+    def ready() -> dict[str, object] | None:
+        status = api.get(f"/api/launches/{launch_id}").json()
+        assert status["status"] not in ("failed", "ended"), status
+        return status if status["status"] == "ready" else None
+
+    status: dict[str, object] = wait_for(ready, 60, "a ready launch")
+    return status
+
+
+def took_from_pool(stack: Stack, launch_id: str) -> bool:
+    with session_scope(stack.config.database_url) as db:
+        return bool(
+            db.scalar(
+                select(func.count()).where(
+                    LaunchEvent.launch_id == launch_id, LaunchEvent.message == FROM_POOL
+                )
+            )
+        )
+
+
+@pytest.fixture
+def api(pool_stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pool_stack.public_url, timeout=30) as client:
+        yield client
+
+
+def test_the_pool_fills_to_its_size_and_survives_a_restart(
+    pool_stack: Stack, ctx: WorkerContext
+) -> None:
+    servers = {launch.hub_user for launch in full(pool_stack, ctx)}
+    assert pool.maintain(ctx).started == {}
+    pool_stack.stop("worker")
+    pool_stack.start_child("worker")
+    # The database is the truth: the same servers, and nothing to start.
+    assert {launch.hub_user for launch in pooled(pool_stack)} == servers
+    assert pool.maintain(ctx).started == {}
+
+
+def test_a_hit_is_ready_at_once_and_its_link_opens_the_server(
+    pool_stack: Stack, ctx: WorkerContext, api: httpx.Client
+) -> None:
+    oldest = full(pool_stack, ctx)[0]
+    status, seconds = launch_and_wait(api)
+    assert status["user"] == oldest.hub_user
+    assert seconds < START_DELAY  # no server was started for it
+    served = httpx.get(str(status["url"]), timeout=10)
+    assert served.status_code == 200 and served.json() == {"fake": True, "user": oldest.hub_user}
+    assert took_from_pool(pool_stack, str(status["id"]))
+    with session_scope(pool_stack.config.database_url) as db:
+        given = db.get(Launch, oldest.id)
+        assert given is not None and given.end_reason == EndReason.handed_over
+    # The claim asked for a refill at once: the pool is full again without a pass of ours.
+    wait_for(lambda: len(pooled(pool_stack)) == SIZE, 30, "the refill")
+
+
+def test_fifty_launches_against_a_pool_of_five_take_each_server_once(
+    pool_stack: Stack, ctx: WorkerContext, api: httpx.Client
+) -> None:
+    servers = {launch.hub_user for launch in full(pool_stack, ctx)}
+    # All 50 at once: every claim is made before a refilled server can be ready (START_DELAY).
+    with ThreadPoolExecutor(50) as threads:
+        ids = list(threads.map(lambda _: post(api), range(50)))
+    results = [wait_ready(api, launch_id) for launch_id in ids]
+    users = [str(status["user"]) for status in results]
+    assert len(set(users)) == 50  # no server (or user) went to two launches
+    hits = [status for status in results if took_from_pool(pool_stack, str(status["id"]))]
+    assert len(hits) == SIZE and {str(s["user"]) for s in hits} == servers
+
+
+def test_a_pooled_server_killed_behind_the_pools_back_is_not_handed_out(
+    pool_stack: Stack, ctx: WorkerContext, api: httpx.Client
+) -> None:
+    oldest = full(pool_stack, ctx)[0]
+    assert oldest.hub_user is not None
+    hub = HubClient(pool_stack.hub_api_url, pool_stack.hub_token)
+    try:
+        hub.stop_server(oldest.hub_user)
+        wait_for(lambda: not pool.alive(ctx, str(oldest.hub_user)), 10, "the server to stop")
+    finally:
+        hub.close()
+    status, seconds = launch_and_wait(api)
+    # It went to the launch that claimed it, which started a fresh server (START_DELAY).
+    assert status["user"] == oldest.hub_user and seconds >= START_DELAY
+    served = httpx.get(str(status["url"]), timeout=10)
+    assert served.status_code == 200
+
+
+def test_shrinking_drains_the_surplus_and_cleanup_leaves_the_rest(
+    pool_stack: Stack, ctx: WorkerContext
+) -> None:
+    servers = full(pool_stack, ctx)
+    smaller = dataclasses.replace(
+        ctx, settings=ctx.settings.model_copy(update={"pool": "default=2"})
+    )
+    report = pool.maintain(smaller)
+    assert report.drained == {"image:default": SIZE - 2}
+    wait_for(lambda: len(pooled(pool_stack)) == 2, 30, "the drained servers to end")
+    hub = HubClient(pool_stack.hub_api_url, pool_stack.hub_token)
+    try:
+        drained = {s.hub_user for s in servers} - {s.hub_user for s in pooled(pool_stack)}
+        assert len(drained) == SIZE - 2
+        wait_for(lambda: not drained & {user.name for user in hub.iter_users()}, 30, "the removals")
+        kept = {launch.hub_user for launch in pooled(pool_stack)}
+        run_cull(pool_stack)  # a pooled server is no orphan, and never idle
+        assert {launch.hub_user for launch in pooled(pool_stack)} == kept
+        assert kept <= {user.name for user in hub.iter_users()}
+    finally:
+        hub.close()

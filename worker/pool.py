@@ -1,0 +1,211 @@
+"""The warm pool: ready servers kept for popular specs, each handed to one visitor's launch.
+
+A pooled server is a launch of its own (``pool_key`` set, no visitor), started like any other
+(same admission caps, same spawner and sandbox) but ending in ``pooled`` instead of ``ready``:
+no token, no lifetime, never culled as idle. A visitor's launch for a pooled spec claims one
+(``claim``): one transaction whose conditional UPDATEs move the Hub user from the pooled row to
+the visitor's, so each server goes to exactly one launch, ever; then the server is checked
+alive and the visitor's token issued, and its lifetime starts. A server found dead is not
+handed out: the visitor's launch starts a fresh server for that user (a normal launch, from
+the spawn on), and the pool refills.
+
+``maintain`` (beat, every ``HUBLAUNCH_POOL_INTERVAL`` s, and after each claim) tops each pool up
+to its size, drains the surplus when the setting shrinks, and drains a repository pool's servers
+of an older commit once its ref moved. The database is the truth: nothing is kept in a process,
+so the pool survives a restart of every hublaunch process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, select
+
+from worker import transitions
+from worker.admission import ACTIVE, limits
+from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
+from worker.context import WorkerContext
+from worker.hub_client import HubError
+from worker.metrics import observation
+from worker.models import Launch, Status
+from worker.pool_config import Pool, pool_key, pools
+from worker.repos import RepoSpec, ResolveError, SpecError
+from worker.settings import Settings
+from worker.transitions import STARTING, NewLaunch
+
+log = logging.getLogger(__name__)
+
+# A pool whose launches failed this many times (times its size) within FAILURE_WINDOW is not
+# refilled until the window passes: a spec that cannot start must not churn servers.
+FAILURE_WINDOW = timedelta(minutes=5)
+FAILURES_PER_SLOT = 2
+# Pooled servers tried before a claim gives up (each lost race or dead server is one).
+CLAIM_TRIES = 5
+
+
+# -- a visitor's launch takes a pooled server ---------------------------------------------
+
+
+def claim(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> str | None:
+    """Hand a pooled server to this queued launch; its Hub user's name, or None (a miss, or a
+    spec with no pool). The caller goes on with that user: a token if the server answers, a
+    fresh server if it does not."""
+    key = pool_key(spec)
+    if key not in {pool.key for pool in pools(ctx.settings)}:
+        return None
+    started = time.monotonic()
+    name: str | None = None
+    for _ in range(CLAIM_TRIES):
+        with ctx.units.begin() as uow:
+            candidate = transitions.pooled_candidate(uow, key)
+            if candidate is None:
+                break
+            name = transitions.hand_over(uow, candidate, launch_id, now=ctx.clock())
+            if name is not None:
+                break
+    try:
+        with ctx.units.begin() as uow:
+            uow.observe(observation("hublaunch_pool_claims", outcome="hit" if name else "miss"))
+            if name:
+                seconds = time.monotonic() - started
+                uow.observe(observation("hublaunch_pool_claim_seconds", seconds))
+                uow.send(pool_message())  # refill now, not at the next interval
+    except QueueUnavailable as e:
+        log.warning("pool: refill not asked for (%s); the next interval does it", e)
+    if name is not None:
+        log.info("launch %s: pooled server %s handed over", launch_id, name)
+    return name
+
+
+def alive(ctx: WorkerContext, name: str) -> bool:
+    """Whether the user's server runs and answers, as the Hub sees it now."""
+    try:
+        user = ctx.hub.get_user(name)
+    except HubError:
+        return False
+    server = user.servers.get("") if user is not None else None
+    return server is not None and server.ready
+
+
+# -- keeping the pools at their size ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    started: dict[str, int]
+    drained: dict[str, int]
+
+
+def maintain(ctx: WorkerContext) -> Report:
+    """Top every pool up, drain what is not wanted. Safe to run twice at once: a second pass
+    may start a server more than needed, which the next pass drains."""
+    wanted = {pool.key: pool for pool in pools(ctx.settings)}
+    commits = {
+        pool.key: commit
+        for pool in wanted.values()
+        if "repo" in pool.spec and (commit := _current_commit(ctx, pool)) is not None
+    }
+    now = ctx.clock()
+    started: dict[str, int] = {}
+    drained: dict[str, int] = {}
+    with ctx.units.begin() as uow:
+        rows = uow.db.execute(
+            select(Launch.id, Launch.pool_key, Launch.status, Launch.commit).where(
+                Launch.pool_key.is_not(None),
+                Launch.status.in_((*STARTING, Status.pooled)),
+                Launch.end_requested_at.is_(None),
+            )
+        ).all()
+        surplus: list[str] = []
+        alive_rows: dict[str, list[Any]] = {}
+        for row in rows:
+            pool = wanted.get(str(row.pool_key))
+            stale = row.pool_key in commits and row.commit not in (None, commits[row.pool_key])
+            if pool is None or stale:
+                surplus.append(row.id)
+            else:
+                alive_rows.setdefault(pool.key, []).append(row)
+        for key, members in alive_rows.items():
+            # Shrunk: the servers still starting go first, then the newest pooled ones.
+            extra = len(members) - wanted[key].size
+            if extra > 0:
+                order = sorted(members, key=lambda r: r.status == Status.pooled)
+                surplus += [r.id for r in order[:extra]]
+        failures = _recent_failures(uow, now)
+        room = _room(uow, ctx.settings)
+        to_start: list[NewLaunch] = []
+        for key, pool in wanted.items():
+            have = len(alive_rows.get(key, [])) - sum(
+                1 for r in alive_rows.get(key, []) if r.id in surplus
+            )
+            missing = max(pool.size - have, 0)
+            if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1):
+                if missing:
+                    log.warning("pool %s: its launches keep failing; not refilled for now", key)
+                continue
+            count = min(missing, max(room, 0))
+            room -= count
+            to_start += [NewLaunch(pool.spec, ctx.settings.session_max_age) for _ in range(count)]
+            if count:
+                started[key] = count
+        for launch_id in transitions.drain_pool(uow, surplus, now=now):
+            uow.send(teardown_message(launch_id))
+            key = next(str(r.pool_key) for r in rows if r.id == launch_id)
+            drained[key] = drained.get(key, 0) + 1
+        if to_start:
+            ids = transitions.create_many(
+                uow,
+                to_start,
+                timeout=ctx.settings.launch_timeout,
+                now=now,
+                pool_keys=[pool_key(new.spec) for new in to_start],
+            )
+            for launch_id in ids:
+                uow.send(launch_message(launch_id))
+    if started or drained:
+        log.info("pool: started %s, drained %s", started or "none", drained or "none")
+    return Report(started, drained)
+
+
+def _current_commit(ctx: WorkerContext, pool: Pool) -> str | None:
+    """The commit a repository pool's ref points at now; None when it cannot be resolved (the
+    pool is then neither drained nor refused: the launches resolve it themselves)."""
+    spec = RepoSpec(pool.spec["repo"], pool.spec.get("ref", "HEAD"))
+    try:
+        return ctx.resolve(spec, ctx.settings)
+    except (ResolveError, SpecError) as e:
+        log.warning("pool %s: cannot resolve %s: %s", pool.key, spec.ref, e)
+        return None
+
+
+def _recent_failures(uow: Any, now: Any) -> dict[str, int]:
+    rows = uow.db.execute(
+        select(Launch.pool_key, func.count())
+        .where(
+            Launch.pool_key.is_not(None),
+            Launch.status == Status.failed,
+            Launch.updated_at > now - FAILURE_WINDOW,
+        )
+        .group_by(Launch.pool_key)
+    ).all()
+    return {str(key): int(count) for key, count in rows}
+
+
+def _room(uow: Any, settings: Settings) -> int:
+    """Servers the caps on active sessions leave for the pool: refills never make a visitor
+    wait in line (they stop at the cap; a visitor's launch is admitted first)."""
+    held = uow.db.scalar(
+        select(func.count()).where(
+            and_(Launch.status.in_(ACTIVE), Launch.user_removed_at.is_(None))
+        )
+    )
+    waiting = uow.db.scalar(
+        select(func.count()).where(
+            Launch.status.in_(STARTING), Launch.hub_user.is_(None), Launch.pool_key.is_(None)
+        )
+    )
+    return limits(settings).total - int(held or 0) - int(waiting or 0)

@@ -1,0 +1,56 @@
+"""Which warm pools the settings ask for (``HUBLAUNCH_POOL``), and what a launch matches a pool
+by. Read by the worker (worker/pool.py keeps the pools) and by the app (metrics, admin API)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from worker.repos import SpecError, normalize
+from worker.settings import Settings
+from worker.transitions import spec_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One configured pool: which launches it serves (``key``), the spec of its servers."""
+
+    key: str
+    spec: dict[str, Any]
+    size: int
+
+
+def pool_key(spec: dict[str, Any]) -> str:
+    """What a launch's spec matches a pool by: the image (as the per-spec cap names it), or
+    the repository and the ref as asked (a pool serves one ref; its servers run its commit)."""
+    if "image" in spec:
+        return spec_key(spec)
+    return f"repo:{spec['repo']}@{spec.get('ref', 'HEAD')}"
+
+
+def pools(settings: Settings) -> list[Pool]:
+    """The pools the setting asks for; an entry that does not parse is logged and skipped."""
+    found: dict[str, Pool] = {}
+    for entry in (part.strip() for part in settings.pool.split(",")):
+        if not entry:
+            continue
+        text, _, size = entry.rpartition("=")
+        try:
+            spec = _spec(text.strip(), settings)
+        except SpecError as e:
+            log.error("pool: %r is not a spec this service launches: %s", text, e)
+            continue
+        key = pool_key(spec)
+        found[key] = Pool(key, spec, int(size))
+    return list(found.values())
+
+
+def _spec(text: str, settings: Settings) -> dict[str, Any]:
+    repo, at, ref = text.rpartition("@")
+    looks_like_repo = text.startswith(("gh:", "gl:", "https://", "http://", "file://"))
+    if looks_like_repo:
+        return normalize(repo if at else text, ref if at else None, settings).as_dict()
+    return {"image": text}

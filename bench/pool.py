@@ -67,14 +67,16 @@ def timed_launch(client: httpx.Client) -> tuple[str, float]:
 
 
 def server_memory() -> tuple[int, int]:
-    """(processes, resident bytes) of the running jupyterhub-singleuser servers."""
+    """(processes, resident bytes) of the running single-user servers."""
     count, total = 0, 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            if b"jupyterhub-singleuser" not in cmdline or b"bwrap" in cmdline.split(b"\0")[0]:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            # The server's Python (``python -m jupyterhub.singleuser``), not its sandbox's
+            # wrappers (bwrap, setpriv).
+            if b"jupyterhub.singleuser" not in argv or b"python" not in argv[0]:
                 continue
             for line in (proc / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

@@ -29,7 +29,7 @@ KEEPALIVE_SECONDS = 15.0
 # How often a stream reads the database when nothing rang its doorbell: every event rings it
 # (after its commit), so with Redis this is only the safety net for a lost message. Without
 # Redis, polling is all there is.
-IDLE_POLL_SECONDS = 10.0
+IDLE_POLL_SECONDS = 30.0
 POLL_SECONDS = 1.0
 # Streams read the database in worker threads of their own: a thousand open streams must not
 # take every thread (and database connection) the intake's handlers need (measured: with 1,000
@@ -157,10 +157,10 @@ async def _wait(pubsub: aioredis.client.PubSub | None) -> None:
     if pubsub is None:
         await anyio.sleep(0.25)
         return
-    # Jittered (5-15 s, 10 on average): streams opened together (a class, a burst, a restart
-    # that reconnects every watcher) would otherwise read the database together every 10 s,
-    # and such a burst on the streams' threads held up the intake's writer (bench.streams_load:
-    # p99 at 20 POST/s 130-137 ms with 1,000 streams, aligned).
+    # Jittered (15-45 s, 30 on average): streams opened together (a class, a burst, a restart
+    # that reconnects every watcher) would otherwise read the database together, and such a
+    # burst on the streams' threads held up the intake's writer (bench.streams_load: p99 at
+    # 20 POST/s 130-172 ms with 1,000 streams reading every 10 s).
     idle = IDLE_POLL_SECONDS * random.uniform(0.5, 1.5)  # noqa: S311 - timing, not security
     try:
         await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle)

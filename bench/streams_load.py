@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from api.events import IDLE_POLL_SECONDS
 from bench.common import bench_database, forget_queue, machine_info, print_info
 from bench.intake_rate import WRK_SCRIPT, Result, app_env, run_wrk, serve
 from hublaunch.stack import free_port
@@ -125,6 +126,11 @@ def main() -> int:
                 while len(opened) < len(ids) and time.monotonic() < deadline:
                     time.sleep(0.2)
                 print(f"  {len(opened)} streams open ({opened.count(200)} answered 200)")
+                # Measured in the steady state: every stream has read the database once on its
+                # own (jittered) period, not in the quiet before the first of those reads.
+                settle = IDLE_POLL_SECONDS * 1.5
+                print(f"  letting them settle for {settle:.0f} s (their first idle reads)")
+                time.sleep(settle)
                 results.append(run_wrk(url, f"{len(opened)} streams open", args, script))
                 results.append(
                     paced_posts(

@@ -90,8 +90,13 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
                         # A pooled server that stopped is drained (the pool starts another).
                         for launch_id, user in claims.drain_pooled(condition):
                             claimed.append(("stopped", user, launch_id))
+                # A session ready for less than the idle timeout is not idle, whatever its
+                # server's activity says: a warm-pool server waited unused before its launch
+                # took it (worker/pool.py).
+                fresh_cutoff = now - timedelta(seconds=ctx.settings.idle_timeout)
                 for names in _chunks(_idle_names(ctx, hub_users, now)):
-                    for launch_id, user in claims.end(EndReason.idle, Launch.hub_user.in_(names)):
+                    condition = and_(Launch.hub_user.in_(names), Launch.ready_at < fresh_cutoff)
+                    for launch_id, user in claims.end(EndReason.idle, condition):
                         claimed.append(("idle", user, launch_id))
             for launch_id, user in claims.owed_removals():
                 claimed.append(("removal", user, launch_id))

@@ -112,7 +112,8 @@ def put_ready(
     )
     values: dict[str, Any] = {
         "hub_user": name,
-        "ready_at": now - timedelta(minutes=10),
+        # Ready before its last activity, as a server is (a pooled one aside: test_pool.py).
+        "ready_at": now - timedelta(seconds=max(600, active_ago)),
         "expires_at": now + timedelta(hours=1),
         "updated_at": now - timedelta(minutes=10),
         **fields,

@@ -249,3 +249,25 @@ def test_cleanup_leaves_waiting_servers_alone_and_drains_stopped_ones(
     cull_pass(ctx)
     assert rows(ctx, Status.pooled) == [first]
     assert dead not in hub.users and load(ctx, second).status == Status.ended
+
+
+def test_a_session_from_a_long_waiting_pooled_server_is_not_culled_as_idle(
+    ctx: WorkerContext, broker: RecordingBroker, clock: Clock
+) -> None:
+    """The server sat unused in the pool far longer than the idle timeout; its activity says
+    so. The session that took it has only just started, and keeps running."""
+    hub = ListingHub()
+    ctx = dataclasses.replace(pooled(ctx, 1), hub=hub)  # type: ignore[arg-type]
+    [waiting] = fill(ctx, broker)
+    name = load(ctx, waiting).hub_user
+    assert name is not None
+    hub.created[name] = hub.activity[name] = clock()
+    clock.advance(ctx.settings.idle_timeout * 3)
+    launch_id = visitor(ctx)
+    assert advance(ctx, launch_id) == DONE
+    cull_pass(ctx)
+    assert load(ctx, launch_id).status == Status.ready
+    # Once it has been ready for the idle timeout with no activity, it is idle.
+    clock.advance(ctx.settings.idle_timeout + 1)
+    cull_pass(ctx)
+    assert load(ctx, launch_id).end_requested_at is not None

@@ -6,8 +6,8 @@ no token, no lifetime, never culled as idle. A visitor's launch for a pooled spe
 (``claim``): one transaction whose conditional UPDATEs move the Hub user from the pooled row to
 the visitor's, so each server goes to exactly one launch, ever; then the server is checked
 alive and the visitor's token issued, and its lifetime starts. A server found dead is not
-handed out: the visitor's launch starts a fresh server for that user (a normal launch, from
-the spawn on), and the pool refills.
+handed out (``take``): the next pooled one is, and the dead one's user is removed; with none
+left, the launch starts a fresh server for the user it holds, as any launch would.
 
 ``maintain`` (beat, every ``HUBLAUNCH_POOL_INTERVAL`` s, and after each claim) tops each pool up
 to its size, drains the surplus when the setting shrinks, and drains a repository pool's servers
@@ -30,6 +30,7 @@ from worker.admission import ACTIVE, limits
 from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
 from worker.context import WorkerContext
 from worker.hub_client import HubError
+from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
 from worker.metrics import observation
 from worker.models import Launch, Status
 from worker.pool_config import Pool, pool_key, pools
@@ -50,10 +51,12 @@ CLAIM_TRIES = 5
 # -- a visitor's launch takes a pooled server ---------------------------------------------
 
 
-def claim(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> str | None:
+def claim(
+    ctx: WorkerContext, launch_id: str, spec: dict[str, Any], *, replacing: str | None = None
+) -> str | None:
     """Hand a pooled server to this queued launch; its Hub user's name, or None (a miss, or a
-    spec with no pool). The caller goes on with that user: a token if the server answers, a
-    fresh server if it does not."""
+    spec with no pool). ``replacing``: the launch holds this user, whose pooled server turned
+    out dead, and takes the next one instead (``take``)."""
     key = pool_key(spec)
     if key not in {pool.key for pool in pools(ctx.settings)}:
         return None
@@ -64,7 +67,9 @@ def claim(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> str | Non
             candidate = transitions.pooled_candidate(uow, key)
             if candidate is None:
                 break
-            name = transitions.hand_over(uow, candidate, launch_id, now=ctx.clock())
+            name = transitions.hand_over(
+                uow, candidate, launch_id, now=ctx.clock(), replacing=replacing
+            )
             if name is not None:
                 break
     try:
@@ -79,6 +84,29 @@ def claim(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> str | Non
     if name is not None:
         log.info("launch %s: pooled server %s handed over", launch_id, name)
     return name
+
+
+def take(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> tuple[str | None, bool]:
+    """``claim``, then check the server answers: a dead one is never handed out. Its (never
+    used) user is removed and the next pooled server tried. Returns (the user, whether its
+    pooled server runs): a live hit; (None, False), a miss; or, when the pool ran dry after a
+    dead one, (that user, False): the caller starts a fresh server for it, as any launch would."""
+    name = claim(ctx, launch_id, spec)
+    for _ in range(CLAIM_TRIES):
+        if name is None:
+            return None, False
+        if alive(ctx, name):
+            return name, True
+        log.warning("launch %s: pooled server %s is gone; trying the next", launch_id, name)
+        replacement = claim(ctx, launch_id, spec, replacing=name)
+        if replacement is None:
+            return name, False  # none left: a fresh server for this user
+        try:
+            remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS)
+        except HubError as e:  # an unowned prefixed user: the cleanup pass's orphan rule
+            log.warning("pool: removing the dead pooled user %s: %s", name, e.message)
+        name = replacement
+    return name, False
 
 
 def alive(ctx: WorkerContext, name: str) -> bool:

@@ -136,13 +136,11 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
     if ending:
         return handoff(teardown(ctx, launch_id))
     if may_claim and ctx.settings.pool:
-        name = pool.claim(ctx, launch_id, spec)
-        if name is not None:
-            if pool.alive(ctx, name):
-                return _issue_token(ctx, launch_id, name, None)
-            # Died in the pool: never handed out. This launch starts a fresh server for the
-            # same (never used) user, as any launch would, from the spawn on.
-            log.warning("launch %s: the pooled server of %s is gone; starting one", launch_id, name)
+        name, running = pool.take(ctx, launch_id, spec)
+        if name is not None and running:
+            return _issue_token(ctx, launch_id, name, None)
+        # A miss; or the pooled servers drawn were dead and none is left: this launch starts a
+        # fresh server (for that never used user, if it holds one), as any launch would.
     if repo is not None:
         image_or_wait = _environment(ctx, launch_id)
         if isinstance(image_or_wait, Outcome):

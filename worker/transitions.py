@@ -405,16 +405,29 @@ def pooled_candidate(uow: UnitOfWork, key: str) -> str | None:
     )
 
 
-def hand_over(uow: UnitOfWork, pooled_id: str, launch_id: str, *, now: datetime) -> str | None:
+# The event of a launch that took a server from the warm pool.
+POOL_HIT = "Taking a ready server from the warm pool"
+
+
+def hand_over(
+    uow: UnitOfWork,
+    pooled_id: str,
+    launch_id: str,
+    *,
+    now: datetime,
+    replacing: str | None = None,
+) -> str | None:
     """Move a pooled server's Hub user to a visitor's ``queued`` launch, which becomes
     ``launching``; the pooled row ends (``handed_over``) with nothing left to remove. Both
     UPDATEs are conditional, in the caller's one transaction: a server goes to one launch, ever.
-    Returns the user's name, or None (the server or the launch was taken meanwhile)."""
+    ``replacing``: the launch, already ``launching``, holds this user, whose pooled server was
+    found dead; it takes the new one instead (the caller removes the dead user). Returns the
+    user's name, or None (the server or the launch was taken meanwhile)."""
     launch = uow.db.get(Launch, launch_id, with_for_update=True)
+    expected = (Status.queued, None) if replacing is None else (Status.launching, replacing)
     if (
         launch is None
-        or launch.status != Status.queued
-        or launch.hub_user is not None
+        or (launch.status, launch.hub_user) != expected
         or launch.end_requested_at is not None
     ):
         return None
@@ -449,7 +462,11 @@ def hand_over(uow: UnitOfWork, pooled_id: str, launch_id: str, *, now: datetime)
     taken = rowcount(
         uow.db,
         bulk_update(Launch)
-        .where(Launch.id == launch_id, Launch.status == Status.queued, Launch.hub_user.is_(None))
+        .where(
+            Launch.id == launch_id,
+            Launch.status == expected[0],
+            Launch.hub_user.is_(None) if replacing is None else Launch.hub_user == replacing,
+        )
         .values(
             hub_user=name,
             status=Status.launching,
@@ -461,8 +478,9 @@ def hand_over(uow: UnitOfWork, pooled_id: str, launch_id: str, *, now: datetime)
     if not taken:  # locked above: cannot happen; never leave the server ownerless
         raise IllegalTransition(launch_id, launch.status, Status.launching)
     uow.db.refresh(launch)
-    _picked_up(uow, launch, now)
-    note(uow, launch, Phase.launching, "Taking a ready server from the warm pool", now=now)
+    if replacing is None:
+        _picked_up(uow, launch, now)
+    note(uow, launch, Phase.launching, POOL_HIT, now=now)
     return name
 
 

@@ -20,10 +20,11 @@ from worker.context import WorkerContext, build_context
 from worker.db import session_scope
 from worker.hub_client import HubClient
 from worker.models import EndReason, Launch, LaunchEvent, Status
+from worker.transitions import POOL_HIT
 
 SIZE = 5
 START_DELAY = 3.0
-FROM_POOL = "Taking a ready server from the warm pool"
+FROM_POOL = POOL_HIT
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +156,18 @@ def test_fifty_launches_against_a_pool_of_five_take_each_server_once(
 def test_a_pooled_server_killed_behind_the_pools_back_is_not_handed_out(
     pool_stack: Stack, ctx: WorkerContext, api: httpx.Client
 ) -> None:
-    oldest = full(pool_stack, ctx)[0]
+    oldest, following = full(pool_stack, ctx)[:2]
     assert oldest.hub_user is not None
     hub = HubClient(pool_stack.hub_api_url, pool_stack.hub_token)
     try:
         hub.stop_server(oldest.hub_user)
         wait_for(lambda: not pool.alive(ctx, str(oldest.hub_user)), 10, "the server to stop")
+        status, seconds = launch_and_wait(api)
+        # The next pooled server, at once; the dead one's (never used) user is removed.
+        assert status["user"] == following.hub_user and seconds < START_DELAY
+        assert hub.get_user(oldest.hub_user) is None
     finally:
         hub.close()
-    status, seconds = launch_and_wait(api)
-    # It went to the launch that claimed it, which started a fresh server (START_DELAY).
-    assert status["user"] == oldest.hub_user and seconds >= START_DELAY
     served = httpx.get(str(status["url"]), timeout=10)
     assert served.status_code == 200
 

@@ -142,18 +142,34 @@ def test_each_pooled_server_goes_to_one_launch_ever(
     assert pool.claim(ctx, visitor(ctx), {"image": "default"}) is None  # empty: a miss
 
 
-def test_a_server_that_died_in_the_pool_is_not_handed_out(
+def test_a_server_that_died_in_the_pool_is_not_handed_out_and_the_next_is(
+    ctx: WorkerContext, hub: FakeHub, broker: RecordingBroker
+) -> None:
+    ctx = pooled(ctx, 2)
+    oldest, other = (load(ctx, launch_id).hub_user for launch_id in fill(ctx, broker))
+    assert oldest is not None and other is not None
+    del hub.users[oldest]["servers"][""]  # it crashed behind the pool's back
+    starts = [c for c in hub.calls if c[0] == "start_server"]
+    launch_id = visitor(ctx)
+    assert advance(ctx, launch_id) == DONE
+    launch = load(ctx, launch_id)
+    assert launch.status == Status.ready and launch.hub_user == other
+    assert [c for c in hub.calls if c[0] == "start_server"] == starts  # no server started
+    assert oldest not in hub.users  # the dead one's (never used) user is removed
+
+
+def test_when_the_last_pooled_server_is_dead_the_launch_starts_a_fresh_one(
     ctx: WorkerContext, hub: FakeHub, broker: RecordingBroker
 ) -> None:
     ctx = pooled(ctx, 1)
     [waiting] = fill(ctx, broker)
     name = load(ctx, waiting).hub_user
     assert name is not None
-    del hub.users[name]["servers"][""]  # it crashed behind the pool's back
+    del hub.users[name]["servers"][""]
     launch_id = visitor(ctx)
     assert advance(ctx, launch_id) == DONE
     launch = load(ctx, launch_id)
-    # The launch started a fresh server for the (never used) user instead.
+    # For the same (never used) user: a new server, never the dead one.
     assert launch.status == Status.ready and launch.hub_user == name
     assert [c for c in hub.calls if c == ("start_server", name)] == [("start_server", name)] * 2
 

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import run_cull, start_stack, wait_for
+from tests.integration.conftest import LOCAL_REPOS, run_cull, start_stack, wait_for
+from tests.integration.gitserver import GitServer
 from worker import pool
 from worker.context import WorkerContext, build_context
 from worker.db import session_scope
@@ -23,8 +24,22 @@ from worker.models import EndReason, Launch, LaunchEvent, Status
 from worker.transitions import POOL_HIT
 
 SIZE = 5
+DEFAULT = "image:default"
+REPO = "pooled-repo"
 START_DELAY = 3.0
 FROM_POOL = POOL_HIT
+
+
+@pytest.fixture(scope="module")
+def repo(git_server: GitServer) -> str:
+    """A repository with a pool of its own (one server), at its first commit."""
+    git_server.commit(REPO, {"requirements.txt": "# nothing to install\n"})
+    return git_server.url(REPO)
+
+
+@pytest.fixture(scope="module")
+def pool_setting(repo: str) -> str:
+    return f"default={SIZE},{repo}@main=1"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +47,7 @@ def pool_stack(
     tmp_path_factory: pytest.TempPathFactory,
     make_database: Callable[[str], str],
     redis_url: str,
+    pool_setting: str,
 ) -> Iterator[Stack]:
     stack = start_stack(
         tmp_path_factory,
@@ -42,7 +58,8 @@ def pool_stack(
         # Enough worker threads to start every launch of a burst at once.
         worker_concurrency=64,
         env={
-            "HUBLAUNCH_POOL": f"default={SIZE}",
+            **LOCAL_REPOS,
+            "HUBLAUNCH_POOL": pool_setting,
             "HUBLAUNCH_FAKE_START_DELAY": str(START_DELAY),
         },
     )
@@ -53,16 +70,19 @@ def pool_stack(
 
 
 @pytest.fixture(scope="module")
-def ctx(pool_stack: Stack) -> WorkerContext:
+def ctx(pool_stack: Stack, pool_setting: str) -> WorkerContext:
     """The worker's context, in this process: the tests run the pool's passes themselves."""
-    return build_context(pool_stack.settings(pool=f"default={SIZE}", max_active=1000))
+    settings = pool_stack.settings(pool=pool_setting, max_active=1000, allow_local_repos=True)
+    return build_context(settings)
 
 
-def pooled(stack: Stack) -> list[Launch]:
+def pooled(stack: Stack, key: str = DEFAULT) -> list[Launch]:
     with session_scope(stack.config.database_url) as db:
         return list(
             db.scalars(
-                select(Launch).where(Launch.status == Status.pooled).order_by(Launch.ready_at)
+                select(Launch)
+                .where(Launch.status == Status.pooled, Launch.pool_key == key)
+                .order_by(Launch.ready_at)
             )
         )
 
@@ -177,10 +197,10 @@ def test_shrinking_drains_the_surplus_and_cleanup_leaves_the_rest(
 ) -> None:
     servers = full(pool_stack, ctx)
     smaller = dataclasses.replace(
-        ctx, settings=ctx.settings.model_copy(update={"pool": "default=2"})
+        ctx, settings=ctx.settings.model_copy(update={"pool": "default=2," + repo_entry(ctx)})
     )
     report = pool.maintain(smaller)
-    assert report.drained == {"image:default": SIZE - 2}
+    assert report.drained == {DEFAULT: SIZE - 2}
     wait_for(lambda: len(pooled(pool_stack)) == 2, 30, "the drained servers to end")
     hub = HubClient(pool_stack.hub_api_url, pool_stack.hub_token)
     try:
@@ -193,3 +213,33 @@ def test_shrinking_drains_the_surplus_and_cleanup_leaves_the_rest(
         assert kept <= {user.name for user in hub.iter_users()}
     finally:
         hub.close()
+
+
+def repo_entry(ctx: WorkerContext) -> str:
+    return next(e for e in ctx.settings.pool.split(",") if not e.startswith("default="))
+
+
+def test_a_new_commit_drains_a_repository_pool(
+    pool_stack: Stack, ctx: WorkerContext, git_server: GitServer, repo: str
+) -> None:
+    key = f"repo:{repo}@main"
+    pool.maintain(ctx)
+    [first] = wait_for(lambda: pooled(pool_stack, key), 90, "the repository's pooled server")
+    assert first.commit is not None and first.env_name is not None
+    newer = git_server.commit(REPO, {"requirements.txt": "# still nothing\n"})
+    report = pool.maintain(ctx)
+    assert report.drained == {key: 1} and report.started.get(key) == 1
+    [second] = wait_for(
+        lambda: [p for p in pooled(pool_stack, key) if p.commit == newer],
+        90,
+        "a pooled server of the new commit",
+    )
+    assert second.hub_user != first.hub_user
+    hub = HubClient(pool_stack.hub_api_url, pool_stack.hub_token)
+    try:
+        wait_for(lambda: hub.get_user(str(first.hub_user)) is None, 30, "the old one removed")
+    finally:
+        hub.close()
+    with session_scope(pool_stack.config.database_url) as db:
+        old = db.get(Launch, first.id)
+        assert old is not None and old.end_reason == EndReason.drained

@@ -149,16 +149,16 @@ def maintain(ctx: WorkerContext) -> Report:
             )
         ).all()
         surplus: list[str] = []
-        alive_rows: dict[str, list[Any]] = {}
+        kept: dict[str, list[Any]] = {}
         for row in rows:
             pool = wanted.get(str(row.pool_key))
             stale = row.pool_key in commits and row.commit not in (None, commits[row.pool_key])
             if pool is None or stale:
                 surplus.append(row.id)
             else:
-                alive_rows.setdefault(pool.key, []).append(row)
-        for key, members in alive_rows.items():
-            # Shrunk: the servers still starting go first, then the newest pooled ones.
+                kept.setdefault(pool.key, []).append(row)
+        for key, members in kept.items():
+            # Shrunk: the servers still starting go first, then pooled ones.
             extra = len(members) - wanted[key].size
             if extra > 0:
                 order = sorted(members, key=lambda r: r.status == Status.pooled)
@@ -167,8 +167,8 @@ def maintain(ctx: WorkerContext) -> Report:
         room = _room(uow, ctx.settings)
         to_start: list[NewLaunch] = []
         for key, pool in wanted.items():
-            have = len(alive_rows.get(key, [])) - sum(
-                1 for r in alive_rows.get(key, []) if r.id in surplus
+            have = len(kept.get(key, [])) - sum(
+                1 for r in kept.get(key, []) if r.id in surplus
             )
             missing = max(pool.size - have, 0)
             if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1):

@@ -167,9 +167,7 @@ def maintain(ctx: WorkerContext) -> Report:
         room = _room(uow, ctx.settings)
         to_start: list[NewLaunch] = []
         for key, pool in wanted.items():
-            have = len(kept.get(key, [])) - sum(
-                1 for r in kept.get(key, []) if r.id in surplus
-            )
+            have = len(kept.get(key, [])) - sum(1 for r in kept.get(key, []) if r.id in surplus)
             missing = max(pool.size - have, 0)
             if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1):
                 if missing:

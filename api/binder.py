@@ -119,3 +119,31 @@ def _first_error(e: ValueError) -> str:
         for error in errors():
             return str(error.get("msg", e)).removeprefix("Value error, ")
     return str(e)
+
+
+def ready_fields(spec: dict[str, Any], commit: str | None, launch_host: str) -> dict[str, str]:
+    """What BinderHub's ``ready`` event says besides the URL, token and image, with the same
+    meaning: the repository and the page of the commit launched, where to launch again, and the
+    launch's link as asked (``binder_request``) and pinned to that commit
+    (``binder_persistent_request``). Clients build share links and badges from them."""
+    fields = {"binder_launch_host": launch_host, "binder_request": f"v2/{link_for(spec)}"}
+    if "repo" not in spec:
+        fields["binder_persistent_request"] = fields["binder_request"]
+        return fields
+    url = str(spec["repo"])
+    pinned = {**spec, "ref": commit} if commit else spec
+    fields["repo_url"] = url
+    fields["binder_persistent_request"] = f"v2/{link_for(pinned)}"
+    fields["binder_ref_url"] = _ref_url(url, commit or str(spec.get("ref", "HEAD")))
+    return fields
+
+
+def _ref_url(url: str, ref: str) -> str:
+    """The web page of the launched commit where the host has one (GitHub, GitLab); else the
+    repository's URL, as BinderHub's git provider says."""
+    base = url.removesuffix(".git")
+    if url.startswith("https://github.com/"):
+        return f"{base}/tree/{ref}"
+    if url.startswith("https://gitlab.com/"):
+        return f"{base}/-/tree/{ref}"
+    return url

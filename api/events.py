@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from api.binder import ready_fields
 from api.metrics import STREAMS
 from worker import queries
 from worker.crypto import reveal
@@ -65,7 +66,9 @@ def parse_event_id(value: str | None) -> int | None:
     return int(value)
 
 
-def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[str, Any]], bool]:
+def _load(
+    settings: Settings, launch_id: str, after_id: int, binder_fields: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
     with reading(settings.database_url) as db:
         launch = queries.get_launch(db, launch_id)
         if launch is None:
@@ -80,6 +83,9 @@ def _load(settings: Settings, launch_id: str, after_id: int) -> tuple[list[dict[
                     token = reveal(settings, launch.token_ciphertext)
                     if token:
                         payload["token"] = token
+                if binder_fields:
+                    host = settings.public_url + "/"
+                    payload.update(ready_fields(launch.spec, launch.commit, host))
             out.append(payload)
         return out, launch.is_terminal
 
@@ -107,12 +113,18 @@ def format_event(payload: dict[str, Any], id_prefix: str = "") -> str:
 
 
 async def event_stream(
-    settings: Settings, launch_id: str, *, after_id: int, id_prefix: str = ""
+    settings: Settings,
+    launch_id: str,
+    *,
+    after_id: int,
+    id_prefix: str = "",
+    binder_fields: bool = False,
 ) -> AsyncIterator[str]:
     """Stored events after ``after_id``, then new ones as they come, until ready or failed.
 
     ``id_prefix`` goes before each event id; the /build stream uses it to tie a reconnecting
-    EventSource (which sends the last id back as Last-Event-ID) to the same launch."""
+    EventSource (which sends the last id back as Last-Event-ID) to the same launch, and asks
+    for BinderHub's fields on ``ready`` (``binder_fields``)."""
     threads = _stream_threads()
     if await anyio.to_thread.run_sync(
         _already_finished, settings, launch_id, after_id, limiter=threads
@@ -131,7 +143,7 @@ async def event_stream(
         last_sent = time.monotonic()
         while True:
             events, terminal = await anyio.to_thread.run_sync(
-                _load, settings, launch_id, after_id, limiter=threads
+                _load, settings, launch_id, after_id, binder_fields, limiter=threads
             )
             for payload in events:
                 yield format_event(payload, id_prefix)

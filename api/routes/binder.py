@@ -129,7 +129,9 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: Writ
         return StreamingResponse(
             _one_failure(message), media_type="text/event-stream", headers=headers
         )
-    stream = event_stream(settings, launch_id, after_id=after, id_prefix=f"{launch_id}:")
+    stream = event_stream(
+        settings, launch_id, after_id=after, id_prefix=f"{launch_id}:", binder_fields=True
+    )
     watched_id = launch_id
 
     async def watched() -> AsyncIterator[str]:

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from hublaunch.stack import Stack
 from tests.integration.conftest import wait_for
+from tests.integration.gitserver import GitServer
 from worker.db import session_scope
 from worker.models import Launch
 
@@ -50,6 +51,9 @@ def test_build_stream_speaks_binderhub(api: httpx.Client, stack: Stack) -> None:
     ready = events[-1][1]
     assert ready["url"].startswith(f"{stack.public_url}/user/hl-") and ready["url"].endswith("/")
     assert ready["token"] and ready["image"] == "default" and ready["message"]
+    # BinderHub's fields (tests/unit/test_binder_compat.py compares them with its own stream).
+    assert ready["binder_launch_host"] == f"{stack.public_url}/"
+    assert ready["binder_request"] == ready["binder_persistent_request"] == "v2/image/default"
     launch_id = events[0][0].split(":")[0]
     assert all(event_id.startswith(f"{launch_id}:") for event_id, _ in events)
     served = httpx.get(f"{ready['url']}?token={ready['token']}", timeout=10)
@@ -135,3 +139,19 @@ def test_unknown_paths_get_plain_404s(api: httpx.Client) -> None:
     assert elsewhere.status_code == 404 and "text/html" in elsewhere.headers["content-type"]
     assert "JupyterHub" not in elsewhere.text
     assert api.get("/api/nothing").json() == {"detail": "Not Found"}  # JSON under /api/
+
+
+def test_a_repository_build_streams_binderhubs_ready_fields(
+    fake_stacks: dict[str, Stack], git_server: GitServer
+) -> None:
+    stack = fake_stacks["postgresql"]  # the stack that may fetch local repositories
+    commit = git_server.commit("binder-fields", {"requirements.txt": "# nothing\n"})
+    url = git_server.url("binder-fields")
+    with httpx.Client(base_url=stack.public_url, timeout=60) as client:
+        _, events = stream(client, f"/build/git/{quote(url, safe='')}/main")
+    ready = events[-1][1]
+    assert ready["phase"] == "ready", events[-1]
+    assert ready["repo_url"] == url and ready["binder_ref_url"] == url
+    assert ready["binder_request"] == f"v2/git/{quote(url, safe='')}/main"
+    assert ready["binder_persistent_request"] == f"v2/git/{quote(url, safe='')}/{commit}"
+    assert ready["binder_launch_host"] == f"{stack.public_url}/"

@@ -92,6 +92,16 @@ class LaunchWriter:
                 threading.Thread(target=self._run, name="launch-writer", daemon=True).start()
 
     def _run(self) -> None:
+        try:
+            self._serve()  # returns when idle, marked stopped under the lock
+        except BaseException:
+            # Killed by something no batch catches: the next launch starts a new writer,
+            # which takes what is still waiting.
+            with self._lock:
+                self._running_in = 0
+            raise
+
+    def _serve(self) -> None:
         while True:
             try:
                 first = self._waiting.get(timeout=self._idle)
@@ -107,7 +117,12 @@ class LaunchWriter:
                     batch.append(self._waiting.get_nowait())
                 except queue.Empty:
                     break
-            _settle(batch, self._write(batch))
+            try:
+                outcomes = self._write(batch)
+            except BaseException as e:  # never leave a caller waiting on a dead writer
+                _settle(batch, [RuntimeError(f"the launch writer stopped: {e!r}")] * len(batch))
+                raise
+            _settle(batch, outcomes)
 
     def _write(self, batch: list[_Pending]) -> list[Outcome]:
         try:

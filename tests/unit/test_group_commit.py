@@ -225,3 +225,27 @@ def test_the_writer_thread_stops_when_idle_and_starts_again(settings: Settings) 
     assert writer._running_in == 0
     writer.create(new())
     assert counts(settings.database_url) == (2, 2)
+
+
+class Crashing(Units):
+    """A unit of work that fails with what no batch handles (a bug, an interpreter exit)."""
+
+    @contextmanager
+    def begin(self, *, one_statement: bool = False) -> Iterator[UnitOfWork]:
+        raise SystemExit("boom")
+        yield  # pragma: no cover
+
+
+# The dying thread's exception is the point here, not a leak.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_writer_killed_mid_batch_answers_its_callers_and_the_next_one_starts(
+    settings: Settings,
+) -> None:
+    writer = LaunchWriter(Crashing(settings.database_url, RecordingBroker("")), 600)
+    with pytest.raises(RuntimeError, match="the launch writer stopped"):
+        writer.create(new())
+    deadline = time.monotonic() + 5
+    while writer._running_in and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer._units = Units(settings.database_url, RecordingBroker(settings.database_url))
+    assert writer.create(new())  # a new writer thread took over

@@ -6,16 +6,18 @@ import functools
 import json
 import re
 from collections.abc import AsyncIterator
+from importlib.metadata import version as package_version
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from api import binder, intake, ratelimit
 from api.deps import SettingsDep, UnitsDep, WriterDep
 from api.events import event_stream, parse_event_id
 from api.pages import page
+from api.routes.health import run_checks
 from api.schemas import RATE_LIMITED_STREAM, event_stream_response
 from worker import abandon, queries, repos
 from worker.db import reading
@@ -28,6 +30,14 @@ aria-label="launch: hublaunch"><title>launch: hublaunch</title>
 <rect width="48" height="20" fill="#555"/><rect x="48" width="62" height="20" fill="#e66581"/>
 <g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11">
 <text x="24" y="14">launch</text><text x="78" y="14">hublaunch</text></g></svg>"""
+
+# The same, with a logo (a ring, as Jupyter's) before the words.
+BADGE_LOGO = """<svg xmlns="http://www.w3.org/2000/svg" width="124" height="20" role="img"
+ aria-label="launch: hublaunch"><title>launch: hublaunch</title>
+<rect width="62" height="20" fill="#555"/><rect x="62" width="62" height="20" fill="#e66581"/>
+<circle cx="10" cy="10" r="5" fill="none" stroke="#f37726" stroke-width="2"/>
+<g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11">
+<text x="38" y="14">launch</text><text x="92" y="14">hublaunch</text></g></svg>"""
 
 # ?urlpath= and ?labpath= say where to land in the session's server, and the visitor's token
 # goes with that URL: nothing may make it resolve outside /user/<name>/ (another session's
@@ -200,6 +210,10 @@ def launch_page(request: Request) -> HTMLResponse:
     try:
         urlpath = server_path("urlpath", request.query_params.get("urlpath", ""))
         labpath = server_path("labpath", request.query_params.get("labpath", ""))
+        # Older Binder links name a file to open; BinderHub opens it as tree/<filepath>.
+        filepath = server_path("filepath", request.query_params.get("filepath", ""))
+        if filepath and not (urlpath or labpath):
+            urlpath = f"tree/{filepath}"
     except BadServerPath as e:
         return page(request, "bad_link.html", 400, message=str(e))
     return page(
@@ -215,3 +229,41 @@ def launch_page(request: Request) -> HTMLResponse:
 @router.get("/badge.svg", include_in_schema=False)
 def badge() -> Response:
     return Response(BADGE, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/badge_logo.svg", include_in_schema=False)
+def badge_logo() -> Response:
+    """BinderHub's second badge, with a logo before the words."""
+    return Response(
+        BADGE_LOGO, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+    )
+
+
+@router.get("/versions", include_in_schema=False)
+def versions(settings: SettingsDep) -> JSONResponse:
+    """BinderHub's /versions: what builds environments, and the service's version (BinderHub
+    names its own; this is hublaunch's, under both keys so Binder tools find one)."""
+    version = package_version("hublaunch")
+    return JSONResponse(
+        {
+            "builder_info": {"builder": settings.builder, "hublaunch": version},
+            "binderhub": f"hublaunch-{version}",
+            "hublaunch": version,
+        }
+    )
+
+
+@router.get("/health", include_in_schema=False)
+def binderhub_health(request: Request, settings: SettingsDep) -> JSONResponse:
+    """BinderHub's /health shape (``ok`` and a check per service; 503 when one is down), from
+    the same checks as ``/api/health``."""
+    checks = run_checks(request, settings)
+    services = {"hub": "JupyterHub API", "database": "Database", "broker": "Queue"}
+    ok = all(state == "ok" for state in checks.values())
+    body = {
+        "ok": ok,
+        "checks": [
+            {"service": services[name], "ok": state == "ok"} for name, state in checks.items()
+        ],
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -49,13 +49,18 @@ def _check_hub(hub: HubClient) -> str:
     return "ok"
 
 
-@router.get("/health", response_model=Health, responses={503: {"model": Health}})
-def health(request: Request, settings: SettingsDep) -> JSONResponse:
-    checks = {
+def run_checks(request: Request, settings: Settings) -> dict[str, str]:
+    """Each service's state, "ok" or "down" (also BinderHub's /health, api/routes/binder.py)."""
+    return {
         "database": _check_database(settings),
         "broker": _check_broker(request.app.state.broker),
         "hub": _check_hub(request.app.state.hub),
     }
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    checks = run_checks(request, settings)
     down = [name for name, state in checks.items() if state != "ok"]
     body = Health(status="down: " + ", ".join(down) if down else "ok", checks=checks)
     return JSONResponse(body.model_dump(), status_code=503 if down else 200)

@@ -332,3 +332,48 @@ def test_hub_api_calls_reaching_the_app_say_the_hub_is_away(api: TestClient, met
     assert response.headers["Retry-After"] == "2"
     with pytest.raises(HubUnavailable):
         raise_for_status(response)
+
+
+@pytest.mark.parametrize(
+    ("query", "rendered"),
+    [
+        # Older links: BinderHub opens the file as tree/<filepath>.
+        ("filepath=notebooks/index.ipynb", '"tree/notebooks/index.ipynb"'),
+        # urlpath (or labpath) wins over filepath.
+        ("filepath=a.ipynb&urlpath=lab", '"lab"'),
+    ],
+)
+def test_older_links_with_filepath_open_the_file(
+    api: TestClient, query: str, rendered: str
+) -> None:
+    response = api.get(f"{V2}?{query}")
+    assert response.status_code == 200
+    assert rendered in response.text
+
+
+def test_filepath_is_held_to_the_same_rules_as_urlpath(api: TestClient) -> None:
+    response = api.get(f"{V2}?filepath=../hl-other/secret.ipynb")
+    assert response.status_code == 400
+    assert "filepath must not contain '..' segments" in html.unescape(response.text)
+    assert "HubLaunch.page(" not in response.text
+
+
+def test_binderhubs_versions_and_badges(api: TestClient) -> None:
+    versions = api.get("/versions").json()
+    assert versions["builder_info"]["builder"] == "venv"
+    assert versions["binderhub"].startswith("hublaunch-") and versions["hublaunch"]
+    for path in ("/badge.svg", "/badge_logo.svg"):
+        badge = api.get(path)
+        assert badge.status_code == 200
+        assert badge.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_binderhubs_health_names_each_service(api: TestClient) -> None:
+    response = api.get("/health")
+    body = response.json()
+    services = {check["service"]: check["ok"] for check in body["checks"]}
+    assert set(services) == {"JupyterHub API", "Database", "Queue"}
+    assert services["Database"] is True
+    # No Hub answers in these tests: BinderHub's shape says so, with its status code.
+    assert services["JupyterHub API"] is False and body["ok"] is False
+    assert response.status_code == 503

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import String, cast, func, select
 
-from worker import metrics
+from worker import metrics, queries
 from worker.db import as_utc, reading, utcnow
 from worker.models import Launch, Status
 from worker.pool_config import pools
@@ -115,11 +115,7 @@ class HublaunchCollector(Collector):
             oldest_queued = db.scalar(
                 select(func.min(Launch.created_at)).where(active, Launch.status == Status.queued)
             )
-            pooled = db.execute(
-                select(Launch.pool_key, Launch.status, func.count())
-                .where(active, Launch.pool_key.is_not(None), Launch.end_requested_at.is_(None))
-                .group_by(Launch.pool_key, Launch.status)
-            ).all()
+            pooled = queries.pool_counts(db)
             expired = db.scalar(
                 select(func.count()).where(
                     active,
@@ -207,23 +203,19 @@ def _histogram(family: metrics.Family, fields: dict[str, float]) -> Metric:
     return metric
 
 
-def _pool_servers(settings: Settings, rows: Any) -> Metric:
+def _pool_servers(settings: Settings, held: dict[str, dict[str, int]]) -> Metric:
     """Each warm pool's servers: wanted (the setting), starting and ready (``pooled``)."""
     gauge = GaugeMetricFamily(
         "hublaunch_pool_servers",
         "Warm-pool servers by pool and state: wanted (its size), starting, ready.",
         labels=["pool", "state"],
     )
-    counts: dict[tuple[str, str], int] = {}
+    counts = {key: {"wanted": 0, **states} for key, states in held.items()}
     for pool in pools(settings):
-        counts[(pool.key, "wanted")] = pool.size
-        counts[(pool.key, "starting")] = 0
-        counts[(pool.key, "ready")] = 0
-    for key, status, count in rows:
-        state = "ready" if status == Status.pooled else "starting"
-        counts[(str(key), state)] = counts.get((str(key), state), 0) + count
-    for (key, state), count in sorted(counts.items()):
-        gauge.add_metric([key, state], count)
+        counts.setdefault(pool.key, {"starting": 0, "ready": 0})["wanted"] = pool.size
+    for key, states in sorted(counts.items()):
+        for state, count in sorted(states.items()):
+            gauge.add_metric([key, state], count)
     return gauge
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, select
@@ -37,6 +37,7 @@ from worker.pool_config import Pool, pool_key, pools
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.settings import Settings
 from worker.transitions import STARTING, NewLaunch
+from worker.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def _current_commit(ctx: WorkerContext, pool: Pool) -> str | None:
         return None
 
 
-def _recent_failures(uow: Any, now: Any) -> dict[str, int]:
+def _recent_failures(uow: UnitOfWork, now: datetime) -> dict[str, int]:
     rows = uow.db.execute(
         select(Launch.pool_key, func.count())
         .where(
@@ -221,7 +222,7 @@ def _recent_failures(uow: Any, now: Any) -> dict[str, int]:
     return {str(key): int(count) for key, count in rows}
 
 
-def _room(uow: Any, settings: Settings) -> int:
+def _room(uow: UnitOfWork, settings: Settings) -> int:
     """Servers the caps on active sessions leave for the pool: refills never make a visitor
     wait in line (they stop at the cap; a visitor's launch is admitted first)."""
     held = uow.db.scalar(

@@ -31,8 +31,22 @@ def pool_key(spec: dict[str, Any]) -> str:
     return f"repo:{spec['repo']}@{spec.get('ref', 'HEAD')}"
 
 
-def pools(settings: Settings) -> list[Pool]:
+# Parsed pools by what parsing reads: every launch of a pooled spec asks, and an entry that
+# does not parse is logged once, not at every launch.
+_parsed: dict[tuple[str, tuple[str, ...], bool], tuple[Pool, ...]] = {}
+
+
+def pools(settings: Settings) -> tuple[Pool, ...]:
     """The pools the setting asks for; an entry that does not parse is logged and skipped."""
+    key = (settings.pool, tuple(settings.banned_specs), settings.allow_local_repos)
+    if key not in _parsed:
+        if len(_parsed) > 64:  # settings objects come and go in tests; a service has one
+            _parsed.clear()
+        _parsed[key] = _parse(settings)
+    return _parsed[key]
+
+
+def _parse(settings: Settings) -> tuple[Pool, ...]:
     found: dict[str, Pool] = {}
     for entry in (part.strip() for part in settings.pool.split(",")):
         if not entry:
@@ -45,7 +59,7 @@ def pools(settings: Settings) -> list[Pool]:
             continue
         key = pool_key(spec)
         found[key] = Pool(key, spec, int(size))
-    return list(found.values())
+    return tuple(found.values())
 
 
 def _spec(text: str, settings: Settings) -> dict[str, Any]:

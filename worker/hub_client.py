@@ -151,8 +151,27 @@ def raise_for_status(response: httpx.Response) -> None:
         raise HubUnavailable(
             message, status=status, detail=detail, retry_after=_retry_after(response)
         )
+    if status == 404 and not _from_the_hub(response):
+        # configurable-http-proxy's own 404: it has no route for /hub/api/ yet (it starts
+        # before the Hub registers one). Read as "no such user", it failed launches and would
+        # make a deletion look done; it is the Hub being away.
+        raise HubUnavailable(
+            f"Hub not routed yet (the proxy answered {status})", status=503, detail=NOT_ROUTED
+        )
     error = {404: HubNotFound, 409: HubConflict}.get(status, HubRequestError)
     raise error(message, status=status, detail=detail)
+
+
+NOT_ROUTED = "the Hub is starting"
+
+
+def _from_the_hub(response: httpx.Response) -> bool:
+    """JupyterHub's API answers errors as JSON ``{"status": ..., "message": ...}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == response.status_code
 
 
 class HubClient:

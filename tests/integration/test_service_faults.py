@@ -22,11 +22,17 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from hublaunch.stack import Stack, free_port
-from tests.integration.conftest import PG_ADMIN_URL, read_events, start_stack, wait_for
+from tests.integration.conftest import (
+    PG_ADMIN_URL,
+    keep_logs,
+    read_events,
+    start_stack,
+    wait_for,
+)
 from tests.integration.test_faults import (
     assert_one_hub_user_each,
     end_all_and_check_nothing_is_left,
@@ -35,8 +41,9 @@ from tests.integration.test_faults import (
     rows,
     statuses,
 )
+from worker.db import session_scope
 from worker.hub_client import HubClient
-from worker.models import Status
+from worker.models import LaunchEvent, Status
 
 START_DELAY = 2.0
 
@@ -129,8 +136,26 @@ def fault_stack(
 
 def wait_all_ready(stack: Stack, ids: list[str], timeout: float, what: str) -> float:
     started = time.monotonic()
-    wait_for(lambda: statuses(stack, ids) == [Status.ready] * len(ids), timeout, what)
+    try:
+        wait_for(lambda: statuses(stack, ids) == [Status.ready] * len(ids), timeout, what)
+    except AssertionError as e:
+        # Say where each launch stood, and keep the stack's logs (CI's artifacts).
+        keep_logs(stack, f"not-ready-{time.strftime('%H%M%S')}")
+        raise AssertionError(f"{e}; where each launch stood: {_last_events(stack, ids)}") from e
     return time.monotonic() - started
+
+
+def _last_events(stack: Stack, ids: list[str]) -> dict[str, list[str]]:
+    with session_scope(stack.config.database_url) as db:
+        events = db.scalars(
+            select(LaunchEvent)
+            .where(LaunchEvent.launch_id.in_(ids))
+            .order_by(LaunchEvent.launch_id, LaunchEvent.id)
+        )
+        found: dict[str, list[str]] = {launch_id: [] for launch_id in ids}
+        for event in events:
+            found[event.launch_id].append(f"{event.phase}: {event.message}")
+        return {launch_id: lines[-4:] for launch_id, lines in found.items()}
 
 
 def check_after(stack: Stack, ids: list[str]) -> None:

@@ -66,7 +66,9 @@ def test_timeout_is_transient() -> None:
 )
 def test_client_errors_are_terminal(status: int, error: type[Exception]) -> None:
     with pytest.raises(error) as info:
-        answer(status, {"message": "no"}).start_server("hl-x", {"image": "default"})
+        answer(status, {"status": status, "message": "no"}).start_server(
+            "hl-x", {"image": "default"}
+        )
     assert not isinstance(info.value, HubUnavailable)
 
 
@@ -86,11 +88,34 @@ def test_already_running_counts_as_started() -> None:
     assert answer(202).start_server("hl-x", {"image": "default"}) is False
 
 
+HUB_404 = {"status": 404, "message": "Not Found"}  # JupyterHub's API, as it answers
+
+
 def test_missing_user_and_stopped_server_are_not_errors() -> None:
-    assert answer(404).get_user("hl-x") is None
-    assert answer(404).delete_user("hl-x") is False
-    assert answer(404).stop_server("hl-x") is True
+    assert answer(404, HUB_404).get_user("hl-x") is None
+    assert answer(404, HUB_404).delete_user("hl-x") is False
+    assert answer(404, HUB_404).stop_server("hl-x") is True
     assert answer(202).stop_server("hl-x") is False
+
+
+def test_the_proxys_own_404_is_the_hub_away_not_a_missing_user() -> None:
+    """configurable-http-proxy answers 404 (an HTML page) for /hub/api/ until the Hub has
+    registered its route, as it does while a Hub restarts: a launch failed on it, and a
+    deletion would have looked done."""
+
+    def proxy_404(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text="<html><body>404: Not Found</body></html>")
+
+    hub = client(httpx.MockTransport(proxy_404))
+    for call in (
+        lambda: hub.create_user("hl-x"),
+        lambda: hub.get_user("hl-x"),
+        lambda: hub.delete_user("hl-x"),
+        lambda: hub.stop_server("hl-x"),
+        lambda: hub.start_server("hl-x", {"image": "default"}),
+    ):
+        with pytest.raises(HubUnavailable, match="not routed"):
+            call()
 
 
 def test_progress_stream_ready_and_failed() -> None:

@@ -3,7 +3,9 @@ as thebe and Jupyter Book's launch buttons speak) and ``/v2/<provider>/<spec>`` 
 
 Providers and specs, as BinderHub writes them:
 ``gh/<owner>/<repo>/<ref>``, ``gl/<url-escaped namespace/project>/<ref>``,
-``git/<url-escaped url>/<ref>`` and ``image/<url-escaped image name>``.
+``git/<url-escaped url>/<ref>``, ``gist/<user>/<id>[/<ref>]``, the data records
+``zenodo/<DOI>``, ``figshare/<DOI>``, ``dataverse/<DOI>``, ``hydroshare/<resource id>`` and
+``ckan/<url-escaped dataset URL>``, and hublaunch's ``image/<url-escaped image name>``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from urllib.parse import quote, unquote
 
 from api.schemas import LaunchRequest
 
-PROVIDERS = ("gh", "gl", "git", "image")
+# Data records: the spec is the record's identifier (a DOI keeps its slashes).
+RECORDS = ("zenodo", "figshare", "dataverse", "hydroshare", "ckan")
+PROVIDERS = ("gh", "gl", "git", "gist", *RECORDS, "image")
+DOI_RECORDS = ("zenodo", "figshare", "dataverse")
 # The OpenAPI parameters of /build/{provider}/{spec} (its handler reads the raw path itself).
 BUILD_PARAMETERS: list[dict[str, Any]] = [
     {
         "name": "provider",
         "in": "path",
         "required": True,
-        "description": "Where the spec points: a GitHub or GitLab repository, any git URL, or "
-        "a ready image.",
+        "description": "Where the spec points: a GitHub or GitLab repository, any git URL, a "
+        "GitHub gist, a record of a research data repository (Zenodo, Figshare, Dataverse, "
+        "HydroShare, CKAN), or a ready image.",
         "schema": {"type": "string", "enum": list(PROVIDERS)},
     },
     {
@@ -30,7 +36,9 @@ BUILD_PARAMETERS: list[dict[str, Any]] = [
         "in": "path",
         "required": True,
         "description": "`<owner>/<repo>/<ref>` (gh), `<url-escaped namespace/project>/<ref>` "
-        "(gl), `<url-escaped url>/<ref>` (git) or `<url-escaped image name>` (image).",
+        "(gl), `<url-escaped url>/<ref>` (git), `<user>/<id>[/<ref>]` (gist), a DOI (zenodo, "
+        "figshare, dataverse), a resource id (hydroshare), a url-escaped dataset URL (ckan) or "
+        "`<url-escaped image name>` (image).",
         "schema": {"type": "string", "minLength": 1},
         "examples": {"image": {"value": "default"}},
     },
@@ -54,10 +62,11 @@ class BinderSpec:
     provider: str
     spec: str  # as it appears in the URL (still escaped)
 
-    def request(self) -> LaunchRequest:
+    def request(self, *, build_only: bool = False) -> LaunchRequest:
         """The launch this link asks for (validated like any POST /api/launches body)."""
+        fields = {**self._fields(), **({"build_only": True} if build_only else {})}
         try:
-            return LaunchRequest.model_validate(self._fields())
+            return LaunchRequest.model_validate(fields)
         except ValueError as e:
             raise BadSpec(_first_error(e)) from e
 
@@ -69,6 +78,14 @@ class BinderSpec:
             if len(parts) != 3 or not all(parts):
                 raise BadSpec("gh links read gh/<owner>/<repo>/<ref>")
             return {"repo": f"gh:{parts[0]}/{parts[1]}", "ref": unquote(parts[2])}
+        if self.provider == "gist":
+            parts = self.spec.split("/", 2)
+            if len(parts) < 2 or not all(parts):
+                raise BadSpec("gist links read gist/<user>/<id>[/<ref>]")
+            ref = unquote(parts[2]) if len(parts) == 3 else "HEAD"
+            return {"repo": f"gist:{parts[0]}/{parts[1]}", "ref": ref}
+        if self.provider in RECORDS:
+            return {"repo": f"{self.provider}:{unquote(self.spec)}"}
         if self.provider in ("gl", "git"):
             head, _, ref = self.spec.partition("/")
             if not head or not ref:
@@ -104,6 +121,12 @@ def link_for(spec: dict[str, Any]) -> str:
     if "image" in spec:
         return f"image/{quote(spec['image'], safe='')}"
     url, ref = str(spec["repo"]), quote(str(spec.get("ref", "HEAD")), safe="")
+    scheme, _, identifier = url.partition(":")
+    if scheme in RECORDS:
+        return f"{scheme}/{quote(identifier, safe='' if scheme == 'ckan' else '/')}"
+    gist = "https://gist.github.com/"
+    if url.startswith(gist) and url.endswith(".git"):
+        return f"gist/{url[len(gist) : -len('.git')]}/{ref}"
     github = "https://github.com/"
     if url.startswith(github) and url[len(github) :].count("/") == 1:
         return f"gh/{url[len(github) :].removesuffix('.git')}/{ref}"
@@ -131,6 +154,13 @@ def ready_fields(spec: dict[str, Any], commit: str | None, launch_host: str) -> 
         fields["binder_persistent_request"] = fields["binder_request"]
         return fields
     url = str(spec["repo"])
+    scheme, _, identifier = url.partition(":")
+    if scheme in RECORDS:
+        # The identifier names the version already (BinderHub's providers say the same); the
+        # record's page: its DOI, a HydroShare resource's page, a CKAN dataset's URL.
+        fields["binder_persistent_request"] = fields["binder_request"]
+        fields["repo_url"] = fields["binder_ref_url"] = _record_url(scheme, identifier)
+        return fields
     pinned = {**spec, "ref": commit} if commit else spec
     fields["repo_url"] = url
     fields["binder_persistent_request"] = f"v2/{link_for(pinned)}"
@@ -138,10 +168,20 @@ def ready_fields(spec: dict[str, Any], commit: str | None, launch_host: str) -> 
     return fields
 
 
+def _record_url(scheme: str, identifier: str) -> str:
+    if scheme in DOI_RECORDS:
+        return f"https://doi.org/{identifier}"
+    if scheme == "hydroshare":
+        return f"https://www.hydroshare.org/resource/{identifier}/"
+    return identifier
+
+
 def _ref_url(url: str, ref: str) -> str:
     """The web page of the launched commit where the host has one (GitHub, GitLab); else the
     repository's URL, as BinderHub's git provider says."""
     base = url.removesuffix(".git")
+    if url.startswith("https://gist.github.com/"):
+        return f"{base}/{ref}"
     if url.startswith("https://github.com/"):
         return f"{base}/tree/{ref}"
     if url.startswith("https://gitlab.com/"):

@@ -12,7 +12,7 @@ import anyio
 
 from api.group_commit import DATABASE_DOWN, QUEUE_DOWN, DatabaseUnavailable, LaunchWriter
 from api.schemas import LaunchRequest
-from worker import repos, transitions
+from worker import repos, sources, transitions
 from worker.broker import QueueUnavailable, teardown_message
 from worker.db import utcnow
 from worker.models import Launch
@@ -35,19 +35,24 @@ class Refused(Exception):
         self.message = message
 
 
+BUILD_ONLY_REFUSED = "Building without launching is not permitted on this service."
+
+
 def prepare(settings: Settings, body: LaunchRequest) -> NewLaunch:
     """The launch ``body`` asks for, checked; or ``Refused``. Blocks on DNS for a repository
     (its host must resolve to public addresses)."""
     spec = body.spec()
     if body.repo is not None:
         try:
-            repo = repos.normalize(body.repo, body.ref, settings)
-            repos.check_host(repo.url, settings)
+            repo = sources.normalize(body.repo, body.ref, settings)
+            sources.check_host(repo, settings)
         except repos.SpecBanned as e:
             raise Refused(403, str(e)) from e
         except repos.SpecError as e:
             raise Refused(422, str(e)) from e
-        spec = repo.as_dict()
+        spec = {**repo.as_dict(), **({"build_only": True} if body.build_only else {})}
+    if body.build_only and not settings.allow_build_only:
+        raise Refused(400, BUILD_ONLY_REFUSED)
     lifetime = body.lifetime or settings.session_max_age
     if lifetime > settings.session_max_age:
         raise Refused(422, f"lifetime must be at most {settings.session_max_age} seconds")

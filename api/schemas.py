@@ -58,7 +58,9 @@ class LaunchRequest(BaseModel):
     )
     repo: str | None = Field(
         None,
-        description="A git repository URL, or `gh:owner/repo` / `gl:owner/repo`. Not with `image`.",
+        description="A git repository URL, `gh:owner/repo`, `gl:owner/repo`, `gist:user/id`, "
+        "or a data record: `zenodo:<DOI>`, `figshare:<DOI>`, `dataverse:<DOI>`, "
+        "`hydroshare:<resource id>`, `ckan:<dataset URL>`. Not with `image`.",
         examples=["gh:binder-examples/requirements"],
         json_schema_extra={"maxLength": repos.MAX_URL},
     )
@@ -69,6 +71,12 @@ class LaunchRequest(BaseModel):
     )
     lifetime: int | None = Field(
         None, gt=0, description="Seconds the session may live; at most the service's maximum."
+    )
+    build_only: bool = Field(
+        False,
+        description="Build the environment (or find it built) and start no server: the launch "
+        "ends with a `ready` event naming the image, without URL or token (pre-building from "
+        "CI, as BinderHub's `?build_only=true`).",
     )
 
     @field_validator("image")
@@ -96,9 +104,12 @@ class LaunchRequest(BaseModel):
         return self
 
     def spec(self) -> dict[str, Any]:
-        if self.image is not None:
-            return {"image": self.image}
-        return {"repo": self.repo, "ref": self.ref or "HEAD"}
+        spec: dict[str, Any] = (
+            {"image": self.image}
+            if self.image is not None
+            else {"repo": self.repo, "ref": self.ref or "HEAD"}
+        )
+        return {**spec, "build_only": True} if self.build_only else spec
 
 
 class LaunchAccepted(BaseModel):

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from cryptography.fernet import Fernet
 
-from worker import repos
+from worker import sources
 from worker.broker import make_broker
 from worker.builders import Builder, make_builder
 from worker.crypto import cipher
@@ -37,7 +37,7 @@ class WorkerContext:
     units: Units
     clock: Callable[[], datetime] = field(default=utcnow)
     builder: Builder | None = None
-    resolve: Callable[[RepoSpec, Settings], str] = repos.resolve
+    resolve: Callable[[RepoSpec, Settings], str] = sources.resolve
 
     def deadline(self, launch: Launch) -> datetime:
         if launch.deadline_at is not None:

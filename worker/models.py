@@ -79,6 +79,9 @@ class EndReason(enum.StrEnum):
     out_of_memory = "out_of_memory"
     # A /build launch whose visitor left (the event stream closed) before it was ready.
     abandoned = "abandoned"
+    # A build-only launch (BinderHub's ?build_only=true): its environment is built, and no
+    # server was ever asked for.
+    built = "built"
 
 
 Timestamp = DateTime(timezone=True)

@@ -7,7 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from worker.repos import SpecError, normalize
+from worker import sources
+from worker.repos import SpecError
 from worker.settings import Settings
 from worker.transitions import spec_key
 
@@ -62,9 +63,13 @@ def _parse(settings: Settings) -> tuple[Pool, ...]:
     return tuple(found.values())
 
 
+REPO_PREFIXES = ("gh:", "gl:", "gist:", "https://", "http://", "file://")
+
+
 def _spec(text: str, settings: Settings) -> dict[str, Any]:
+    if sources.is_record(text):  # records have no ref; a CKAN URL may hold an "@"
+        return sources.normalize(text, None, settings).as_dict()
     repo, at, ref = text.rpartition("@")
-    looks_like_repo = text.startswith(("gh:", "gl:", "https://", "http://", "file://"))
-    if looks_like_repo:
-        return normalize(repo if at else text, ref if at else None, settings).as_dict()
+    if text.startswith(REPO_PREFIXES):
+        return sources.normalize(repo if at else text, ref if at else None, settings).as_dict()
     return {"image": text}

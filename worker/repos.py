@@ -23,11 +23,17 @@ from urllib.parse import SplitResult, urlsplit
 from sandbox.egress import leads_to
 from worker.settings import Settings
 
-SHORTHANDS = {"gh": "https://github.com/{}", "gl": "https://gitlab.com/{}"}
+# BinderHub's gist provider clones https://gist.github.com/<user>/<id>.git.
+SHORTHANDS = {
+    "gh": "https://github.com/{}",
+    "gl": "https://gitlab.com/{}",
+    "gist": "https://gist.github.com/{}.git",
+}
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # git check-ref-format, roughly: no control chars, spaces, ~^:?*[\, "..", "@{", leading "-".
 REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*@\{)[^\x00-\x20~^:?*\[\\]{1,255}$")
-OWNER_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
+# owner/repo: no "." or ".." segment (gh:../x would be https://github.com/../x).
+OWNER_REPO_RE = re.compile(r"^(?!(?:.*/)?\.{1,2}(?:/|$))[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
 MAX_URL = 2048
 # Local-use NAT64 (RFC 8215): the operator's own translator, the IPv4 position varies; refused.
 LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
@@ -88,10 +94,14 @@ def normalize(repo: str, ref: str | None, settings: Settings) -> RepoSpec:
     if not REF_RE.match(ref):
         raise SpecError("ref must be a branch, tag or commit name (no spaces, not starting '-')")
     spec = RepoSpec(repo, ref)
+    check_banned(spec, settings)
+    return spec
+
+
+def check_banned(spec: RepoSpec, settings: Settings) -> None:
     for pattern in settings.banned_specs:
         if re.search(pattern, f"{spec.url}@{spec.ref}"):
             raise SpecBanned("This repository is not allowed on this service.")
-    return spec
 
 
 def split_url(url: str) -> SplitResult:

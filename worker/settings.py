@@ -111,6 +111,28 @@ class Settings(BaseSettings):
     # Seconds a /build launch not yet ready may stay without a watcher before it is ended (the
     # visitor closed the page); a reconnect within it keeps the launch.
     build_watch_grace: float = Field(30.0, ge=0)
+    # Data providers (worker/providers): where records are looked up. A Dataverse DOI is resolved
+    # through doi_resolver_url and must land on one of dataverse_urls (comma-separated). A record
+    # holds at most record_files_limit files; its bytes are held to clone_size_limit and each
+    # request to resolve_timeout.
+    zenodo_url: str = "https://zenodo.org"
+    figshare_api_url: str = "https://api.figshare.com/v2"
+    dataverse_urls: Annotated[list[str], NoDecode] = ["https://dataverse.harvard.edu"]
+    hydroshare_url: str = "https://www.hydroshare.org"
+    doi_resolver_url: str = "https://doi.org"
+    record_files_limit: int = Field(1000, gt=0)
+
+    # Build-only launches (BinderHub's ?build_only=true, "build_only" in POST /api/launches):
+    # build the environment and start no server. Each counts against the client's rate.
+    allow_build_only: bool = True
+    # BinderHub's build tokens: a JWT (HS256, this secret) naming the "<provider>/<spec>" it
+    # may start (aud) and when it expires (exp). With a secret, the launch page carries one for
+    # its own spec and a token sent to /build is checked (a bad one: 403); with
+    # require_build_token, /build starts nothing without a valid one (links from other sites
+    # and scripts need the page, or a token from `hublaunch build-token`).
+    build_token_secret: SecretStr = SecretStr("")
+    require_build_token: bool = False
+    build_token_lifetime: int = Field(3600, gt=0)
     # Warm pool (worker/pool.py): ready servers kept per spec, "<spec>=<n>" comma-separated:
     # images by name, repositories by spec and ref ("default=3,gh:org/repo@main=2"). Empty: none.
     pool: str = ""
@@ -149,7 +171,7 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    @field_validator("banned_specs", "package_index_hosts", mode="before")
+    @field_validator("banned_specs", "package_index_hosts", "dataverse_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -130,8 +130,9 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         elif ctx.clock() >= ctx.deadline(launch):
             raise LaunchTimedOut
         repo = launch.spec.get("repo")
+        build_only = bool(launch.spec.get("build_only"))
         # A visitor's launch not yet started may take a server from the warm pool.
-        may_claim = launch.status == Status.queued and launch.pool_key is None
+        may_claim = launch.status == Status.queued and launch.pool_key is None and not build_only
         spec = launch.spec
     if ending:
         return handoff(teardown(ctx, launch_id))
@@ -146,6 +147,8 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
         if isinstance(image_or_wait, Outcome):
             return image_or_wait
         image = image_or_wait
+    if build_only:
+        return _built_only(ctx, launch_id, image if repo is not None else spec["image"])
     # Over the caps on active sessions the launch waits in line; admitted, it is launching
     # with its Hub user's name chosen, in the same transaction.
     admitted = admission.admit(ctx, launch_id)
@@ -267,6 +270,16 @@ def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
     if decision == builds.Decision.ready:
         return builder.image(name)
     return Outcome(retry_in=builds.POLL_SECONDS)
+
+
+def _built_only(ctx: WorkerContext, launch_id: str, image: str) -> Outcome:
+    """A build-only launch ends here, its environment built (or an image, already there):
+    no Hub user, no server, no token."""
+    with ctx.units.begin() as uow:
+        launch = get_launch(uow.db, launch_id)
+        if launch is not None and not launch.is_terminal:
+            transitions.mark_built_only(uow, launch, image, now=ctx.clock())
+    return DONE
 
 
 def _progress(ctx: WorkerContext, launch_id: str, message: str) -> None:

@@ -34,6 +34,7 @@ from worker.bulk_insert import NewRow, insert_new
 from worker.db import as_utc, bulk_update, rowcount
 from worker.metrics import observation
 from worker.models import SPEC_KEY_LENGTH, TERMINAL, EndReason, Launch, LaunchEvent, Phase, Status
+from worker.providers import PROVIDER_SCHEMES as RECORD_PROVIDERS
 from worker.unit_of_work import UnitOfWork
 
 STARTING = (Status.queued, Status.building, Status.launching)
@@ -85,6 +86,9 @@ def provider(spec: dict[str, Any]) -> str:
     """The metrics' name for where a launch's environment comes from."""
     if "image" in spec:
         return "image"
+    scheme = str(spec.get("repo", "")).partition(":")[0]
+    if scheme in RECORD_PROVIDERS:
+        return scheme
     host = urlsplit(str(spec.get("repo", ""))).hostname or ""
     return host if host in KNOWN_HOSTS else "git"
 
@@ -524,6 +528,20 @@ def mark_failed(
     if user_removed:
         launch.user_removed_at = now
     note(uow, launch, Phase.failed, message, now=now)
+
+
+BUILT_ONLY = "Done! The environment is ready to launch; not launching, as asked"
+
+
+def mark_built_only(uow: UnitOfWork, launch: Launch, image: str, *, now: datetime) -> None:
+    """A build-only launch whose environment is built -> ``ended`` (reason ``built``). Its
+    final event is BinderHub's: ``ready`` with the image's name and no server URL or token.
+    No Hub user was ever made, so nothing is owed to the cleanup."""
+    _move(launch, Status.ended, now)
+    launch.end_reason = EndReason.built
+    _finished(uow, launch, "ended", EndReason.built)
+    launch.ended_at = launch.user_removed_at = now
+    note(uow, launch, Phase.ready, BUILT_ONLY, data={"imageName": image}, now=now)
 
 
 def mark_ended(uow: UnitOfWork, launch: Launch, *, now: datetime) -> None:

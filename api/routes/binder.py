@@ -13,13 +13,13 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from api import binder, intake, ratelimit
+from api import binder, build_tokens, intake, ratelimit
 from api.deps import SettingsDep, UnitsDep, WriterDep
 from api.events import event_stream, parse_event_id
 from api.pages import page
 from api.routes.health import run_checks
 from api.schemas import RATE_LIMITED_STREAM, event_stream_response
-from worker import abandon, queries, repos
+from worker import abandon, queries, repos, sources
 from worker.db import reading
 from worker.settings import Settings
 
@@ -114,10 +114,19 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: Writ
         "X-Accel-Buffering": "no",
         **cors_headers(settings, request.headers.get("Origin")),
     }
+    build_only = request.query_params.get("build_only", "").lower() == "true"
     try:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/build/")
         launch_id, after = _resume(settings, request.headers.get("Last-Event-ID", ""), spec)
         if launch_id is None:
+            # BinderHub's status codes, with its one ``failed`` event as the body: a bad or
+            # missing build token is a 403, a build-only run the service does not allow a 400.
+            try:
+                build_tokens.check(settings, request.query_params.get("build_token"), spec.path)
+            except build_tokens.BadBuildToken as e:
+                return _refused(403, str(e), headers)
+            if build_only and not settings.allow_build_only:
+                return _refused(400, intake.BUILD_ONLY_REFUSED, headers)
             # Only a request that starts a launch is counted; a resumed stream (above) never is.
             verdict, rate = ratelimit.check(settings, ratelimit.client_address(request, settings))
             if not verdict.allowed and rate is not None:
@@ -133,7 +142,8 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: Writ
                     media_type="text/event-stream",
                     headers={**headers, "Retry-After": str(verdict.retry_after)},
                 )
-            launch_id, after = intake.accept(writer, settings, spec.request()), 0
+            request_body = spec.request(build_only=build_only)
+            launch_id, after = intake.accept(writer, settings, request_body), 0
     except (binder.BadSpec, intake.Refused) as e:
         message = e.message if isinstance(e, intake.Refused) else str(e)
         return StreamingResponse(
@@ -192,15 +202,27 @@ def _normalized(settings: Settings, spec: binder.BinderSpec) -> dict[str, Any]:
     request = spec.request()
     if request.repo is None:
         return request.spec()
-    return repos.normalize(request.repo, request.ref, settings).as_dict()
+    return sources.normalize(request.repo, request.ref, settings).as_dict()
 
 
-async def _one_failure(message: str) -> AsyncIterator[str]:
-    yield f"data: {json.dumps({'phase': 'failed', 'message': message})}\n\n"
+async def _one_failure(message: str, status_code: int | None = None) -> AsyncIterator[str]:
+    event: dict[str, Any] = {"phase": "failed", "message": message}
+    if status_code is not None:
+        event["status_code"] = status_code
+    yield f"data: {json.dumps(event)}\n\n"
+
+
+def _refused(status: int, message: str, headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(
+        _one_failure(message, status),
+        status_code=status,
+        media_type="text/event-stream",
+        headers=headers,
+    )
 
 
 @router.get("/v2/{provider}/{spec:path}", response_class=HTMLResponse, include_in_schema=False)
-def launch_page(request: Request) -> HTMLResponse:
+def launch_page(request: Request, settings: SettingsDep) -> HTMLResponse:
     """What a Binder link opens: progress, the build log, then the running server."""
     try:
         spec = binder.from_raw_path(request.scope.get("raw_path", b""), "/v2/")
@@ -216,10 +238,14 @@ def launch_page(request: Request) -> HTMLResponse:
             urlpath = f"tree/{filepath}"
     except BadServerPath as e:
         return page(request, "bad_link.html", 400, message=str(e))
+    # The page's own /build request carries a build token for this spec, when the service
+    # signs them (api/build_tokens.py: no secret of a session; it starts only this launch).
+    token = build_tokens.issue(settings, spec.path)
+    build_path = f"/build/{spec.path}" + (f"?build_token={token}" if token else "")
     return page(
         request,
         "launch.html",
-        build_path=f"/build/{spec.path}",
+        build_path=build_path,
         link=f"/v2/{spec.path}",
         urlpath=urlpath,
         labpath=labpath,
@@ -249,6 +275,59 @@ def versions(settings: SettingsDep) -> JSONResponse:
             "builder_info": {"builder": settings.builder, "hublaunch": version},
             "binderhub": f"hublaunch-{version}",
             "hublaunch": version,
+        }
+    )
+
+
+# What BinderHub's /_config says of each provider its form offers: the form's labels, and
+# whether the provider takes a ref. The same providers as /build, in the same order.
+_REF = "Git ref (branch, tag, or commit)"
+_RECORD = {"tag_text": "", "ref_prop_disabled": True, "label_prop_disabled": True}
+PROVIDER_CONFIG: dict[str, dict[str, Any]] = {
+    "gh": {"display_name": "GitHub", "text": "GitHub repository name or URL", "tag_text": _REF},
+    "gl": {"display_name": "GitLab.com", "text": "GitLab.com repository or URL", "tag_text": _REF},
+    "git": {
+        "display_name": "Git repository",
+        "text": "Arbitrary git repository URL (https)",
+        "tag_text": _REF,
+    },
+    "gist": {
+        "display_name": "Gist",
+        "text": "Gist ID (username/gistId) or URL",
+        "tag_text": "Git commit SHA",
+    },
+    "zenodo": {
+        "display_name": "Zenodo DOI",
+        "text": "Zenodo DOI (10.5281/zenodo.3242074)",
+        **_RECORD,
+    },
+    "figshare": {
+        "display_name": "Figshare DOI",
+        "text": "Figshare DOI (10.6084/m9.figshare.9782777.v1)",
+        **_RECORD,
+    },
+    "dataverse": {
+        "display_name": "Dataverse DOI",
+        "text": "Dataverse DOI (10.7910/DVN/TJCLKP)",
+        **_RECORD,
+    },
+    "hydroshare": {
+        "display_name": "HydroShare resource",
+        "text": "HydroShare resource id or URL",
+        **_RECORD,
+    },
+    "ckan": {"display_name": "CKAN dataset", "text": "CKAN dataset URL", **_RECORD},
+    "image": {"display_name": "Image", "text": "Name of a ready image", **_RECORD},
+}
+
+
+@router.get("/_config", include_in_schema=False)
+def binderhub_config() -> JSONResponse:
+    """BinderHub's /_config: the providers a Binder form may offer, with its labels."""
+    return JSONResponse(
+        {
+            prefix: {"ref_prop_disabled": False, "label_prop_disabled": False, **config}
+            for prefix, config in PROVIDER_CONFIG.items()
         }
     )
 

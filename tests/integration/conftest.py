@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 
 from hublaunch.stack import Stack, StackConfig
 from tests.integration.gitserver import GitServer
+from tests.standins.providers import Standin, serve
 from worker.db import session_scope
 from worker.hub_client import HubClient
 from worker.hub_users import remove_hub_user
@@ -115,8 +116,29 @@ def keep_logs(stack: Stack, label: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def records() -> Iterator[Standin]:
+    """Stand-ins of Zenodo, Figshare, Dataverse, HydroShare, CKAN and the DOI resolver, which
+    the PostgreSQL stack's workers are pointed at; tests add records to its catalogue."""
+    with serve() as standin:
+        yield standin
+
+
+def provider_env(url: str) -> dict[str, str]:
+    return {
+        "HUBLAUNCH_ZENODO_URL": url,
+        "HUBLAUNCH_FIGSHARE_API_URL": f"{url}/v2",
+        "HUBLAUNCH_DATAVERSE_URLS": url,
+        "HUBLAUNCH_DOI_RESOLVER_URL": f"{url}/doi",
+        "HUBLAUNCH_HYDROSHARE_URL": url,
+    }
+
+
+@pytest.fixture(scope="session")
 def fake_stacks(
-    tmp_path_factory: pytest.TempPathFactory, make_database: Callable[[str], str], redis_url: str
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+    records: Standin,
 ) -> Iterator[dict[str, Stack]]:
     """One stack per database backend, each on its own Hub with the in-process fake spawner."""
     stacks: dict[str, Stack] = {}
@@ -127,7 +149,7 @@ def fake_stacks(
             make_database("fake"),
             redis_url,
             spawner="fake",
-            env=LOCAL_REPOS,
+            env={**LOCAL_REPOS, **provider_env(records.url)},
         )
         stacks["sqlite"] = start_stack(
             tmp_path_factory,

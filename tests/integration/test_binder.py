@@ -141,10 +141,12 @@ def test_unknown_paths_get_plain_404s(api: httpx.Client) -> None:
     assert api.get("/api/nothing").json() == {"detail": "Not Found"}  # JSON under /api/
 
 
+# The stack that may fetch local repositories; pinned (not looked up) so that the cleanup
+# fixture watches the Hub this test launches on.
+@pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
 def test_a_repository_build_streams_binderhubs_ready_fields(
-    fake_stacks: dict[str, Stack], git_server: GitServer
+    stack: Stack, git_server: GitServer
 ) -> None:
-    stack = fake_stacks["postgresql"]  # the stack that may fetch local repositories
     commit = git_server.commit("binder-fields", {"requirements.txt": "# nothing\n"})
     url = git_server.url("binder-fields")
     with httpx.Client(base_url=stack.public_url, timeout=60) as client:

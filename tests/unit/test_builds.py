@@ -313,3 +313,34 @@ def test_a_stale_build_is_claimed_by_one_look_only(
     with session_scope(ctx.settings.database_url) as db:
         stored = db.get(Build, name)
         assert stored is not None and stored.attempts == 2
+
+
+def test_a_build_only_launch_builds_and_starts_nothing(
+    ctx: WorkerContext, builder: FakeBuilder, hub: FakeHub
+) -> None:
+    """BinderHub's ?build_only=true: the environment is built, the launch ends with a ready
+    event naming it, and the Hub never hears of it (no user, no server, no token)."""
+    with ctx.units.begin() as uow:
+        spec = {**RepoSpec("https://example.org/a/b", "main").as_dict(), "build_only": True}
+        launch_id = transitions.create(uow, spec, lifetime=600, timeout=600, now=ctx.clock()).id
+    outcome = advance(ctx, launch_id)
+    assert outcome.send_build is not None
+    run_build(ctx, builder, outcome.send_build)
+    assert advance(ctx, launch_id).outcome == DONE
+
+    assert hub.calls == []
+    with session_scope(ctx.settings.database_url) as db:
+        launch = get_launch(db, launch_id)
+        assert launch is not None
+        assert (launch.status, launch.end_reason) == (Status.ended, "built")
+        assert launch.hub_user is None and launch.user_removed_at is not None
+        [ready] = db.scalars(
+            select(LaunchEvent).where(
+                LaunchEvent.launch_id == launch_id, LaunchEvent.phase == "ready"
+            )
+        )
+        assert ready.data == {"imageName": builder.image(launch.env_name or "")}
+    assert phases(ctx, launch_id)[-2:] == ["built", "ready"]
+    # Run again (a redelivered message): nothing more happens.
+    assert advance(ctx, launch_id).outcome == DONE
+    assert hub.calls == []

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
+from worker import sources
 from worker.builders import BuildFailed, Log
 from worker.settings import Settings
 
@@ -74,6 +75,10 @@ class Repo2DockerBuilder:
     def build(self, name: str, repo: str, commit: str, log: Log) -> int:
         if shutil.which(self.executable) is None:
             raise BuildFailed(f"{self.executable} is not installed on this worker")
+        if sources.is_record(repo):
+            # repo2docker would fetch the record itself, past the SSRF rules and size limits
+            # the venv builder's fetch holds it to.
+            raise BuildFailed("data records are built by the venv builder only")
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         proc = subprocess.Popen(
             self.command(name, repo, commit),

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from sandbox import box as boxes
 from sandbox.egress import Destination, normalize_host
+from worker import providers, sources
 from worker.builders import BuildFailed, Log
 from worker.builders.boxed import CERT_VARIABLES, SYSTEM_PATH, Steps
 from worker.periodic import every
@@ -162,7 +163,10 @@ class VenvBuilder:
 
     def _build(self, name: str, repo: str, commit: str, work: Path, steps: Steps, emit: Log) -> int:
         source, env, final = work / "src", work / "env", self.path(name)
-        self._fetch(repo, commit, source, steps)
+        if sources.is_record(repo):
+            self._fetch_record(repo, commit, work / "download", source, steps)
+        else:
+            self._fetch(repo, commit, source, steps)
         self._make_env(env, steps)
         requirements = self._requirements(source)
         if requirements is None:
@@ -302,6 +306,35 @@ class VenvBuilder:
             ],
             env=env,
             what="git checkout",
+        )
+
+    def _fetch_record(
+        self, repo: str, fingerprint: str, download: Path, source: Path, steps: Steps
+    ) -> None:
+        """A data record: its files fetched by the worker (only bytes: every connection held to
+        the SSRF rules, sizes and checksums checked), then copied or unzipped into the source
+        folder in a box, as the build uid (a zip is the visitor's)."""
+        steps.log(f"Fetching {repo}")
+        try:
+            record = providers.resolve(repo, self.settings)
+            if record.fingerprint() != fingerprint:
+                # The launch resolved another version (a HydroShare or CKAN record changed).
+                raise BuildFailed(f"{repo} changed since this launch looked it up; launch again")
+            providers.download(record, download, self.settings, steps.log, ends=steps.deadline)
+        except providers.RecordError as e:
+            raise BuildFailed(str(e)) from e
+        steps.run(
+            [
+                self._python(),
+                "-I",
+                "-c",
+                providers.UNPACK_SCRIPT,
+                str(download),
+                str(source),
+                str(self.settings.clone_size_limit),
+            ],
+            env=steps.base_env(),
+            what="unpack",
         )
 
     def _make_env(self, env: Path, steps: Steps) -> None:

@@ -81,11 +81,20 @@
     if (m) { return "gh/" + m[1] + "/" + ref; }
     m = /^gl:(\S+)$/.exec(repo) || /^https:\/\/gitlab\.com\/(\S+?)(?:\.git)?\/?$/.exec(repo);
     if (m) { return "gl/" + encodeURIComponent(m[1]) + "/" + ref; }
+    m = /^gist:([^/\s]+\/[^/\s]+)$/.exec(repo) ||
+        /^https:\/\/gist\.github\.com\/([^/\s]+\/[^/\s]+?)(?:\.git)?\/?$/.exec(repo);
+    if (m) { return "gist/" + m[1] + "/" + ref; }
+    // Data records have no ref: the identifier names the version (api/binder.py).
+    m = /^(zenodo|figshare|dataverse|hydroshare):(\S+)$/.exec(repo);
+    if (m) { return m[1] + "/" + encodeURI(m[2]); }
+    m = /^ckan:(\S+)$/.exec(repo);
+    if (m) { return "ckan/" + encodeURIComponent(m[1]); }
     return "git/" + encodeURIComponent(repo) + "/" + ref;
   }
 
   window.HubLaunch = {
     serverUrl: serverUrl,  // for tests
+    providerSpec: providerSpec,  // for tests
     page: function (buildPath, urlpath, labpath) {
       follow(buildPath, function (event) {
         window.location.href = serverUrl(event, urlpath, labpath);

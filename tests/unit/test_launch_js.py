@@ -71,3 +71,45 @@ def test_paths_inside_the_server_are_kept_and_the_token_appended() -> None:
         f"{base}git-pull?repo=https%3A%2F%2Fgithub.com%2Fo%2Fr&{token}",
         f"{base}lab?{token}#section",  # before the fragment, so it is sent
     ]
+
+
+def provider_specs(cases: list[tuple[str, str]]) -> list[str]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("Node.js is needed (make install puts configurable-http-proxy there)")
+    program = (
+        f"globalThis.window = {{}}; require({json.dumps(str(SCRIPT))});"
+        f"const cases = {json.dumps(cases)};"
+        "console.log(JSON.stringify(cases.map(([r, f]) => "
+        "window.HubLaunch.providerSpec('repo', r, f, ''))));"
+    )
+    result = subprocess.run(
+        [node, "-e", program], capture_output=True, text=True, timeout=30, check=True
+    )
+    specs: list[str] = json.loads(result.stdout)
+    return specs
+
+
+def test_the_forms_links_are_the_ones_the_service_reads() -> None:
+    """What the form's link says is what /build and /v2 read back (api/binder.py): the same
+    spec, whatever kind of repository or record was typed."""
+    from api.binder import from_raw_path
+    from worker import sources
+    from worker.settings import Settings
+
+    settings = Settings(database_url="sqlite://")
+    cases = [
+        ("gh:org/repo", "main"),
+        ("https://gitlab.com/group/sub/project", "v1"),
+        ("gist:someone/0123abcd", ""),
+        ("https://gist.github.com/someone/0123abcd.git", "main"),
+        ("zenodo:10.5281/zenodo.3242074", ""),
+        ("figshare:10.6084/m9.figshare.9782777.v1", ""),
+        ("hydroshare:8f7c2f0341ef4180b0bd0b1d63bdd1a2", ""),
+        ("ckan:https://demo.ckan.org/dataset/sample?activity_id=1", ""),
+        ("https://example.org/a/b.git", "dev/x"),
+    ]
+    for (typed, ref), spec in zip(cases, provider_specs(cases), strict=True):
+        request = from_raw_path(f"/build/{spec}".encode(), "/build/").request()
+        read = sources.normalize(request.repo or "", request.ref, settings)
+        assert read == sources.normalize(typed, ref or None, settings), (typed, spec)

@@ -31,6 +31,8 @@ API_MAY_IMPORT = {
     "worker.queries",
     "worker.repos",
     "worker.settings",
+    # What a repository spec points at (a git repository or a data record): intake and links.
+    "worker.sources",
     "worker.transitions",
     "worker.unit_of_work",
 }

@@ -40,4 +40,8 @@ WORKDIR /srv/hublaunch
 
 # 8000: the proxy (the public address, in the hub service); 8010: the HTTP app.
 EXPOSE 8000 8010
+# The default command's: the app answers. Services running another command of this image
+# (worker, builder, beat, migrate) set their own in docker-compose.yml.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8010/api/openapi.json', timeout=4)"]
 CMD ["hublaunch", "api", "--host", "0.0.0.0"]

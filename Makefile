@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROXY  := node_modules/.bin/configurable-http-proxy
+# checkov (the security scan of deploy/kubernetes and the Dockerfile) pins its own versions of
+# many libraries: it lives in a venv of its own, not in the service's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
 
 .DEFAULT_GOAL := help
 .PHONY: help install sandbox-tools dev test test-unit test-integration lint fmt migrate bench mutation compose-check clean
@@ -17,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+$(CHECKOV): Makefile
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==3.3.30'
+	touch $@
+
 $(PROXY): package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
@@ -28,7 +37,7 @@ sandbox-tools:
 	  { apt-get update -q && apt-get install -y -q bubblewrap; } || \
 	  echo "note: bubblewrap is not installed; sessions cannot be sandboxed here"; }
 
-install: $(STAMP) $(PROXY) sandbox-tools ## create .venv and install Python, Node and sandbox dependencies
+install: $(STAMP) $(PROXY) $(CHECKOV) sandbox-tools ## create .venv and install Python, Node and sandbox dependencies
 
 dev: install ## run the whole local stack (Hub + proxy + app + worker + beat) on :8000
 	$(BIN)/hublaunch dev --port $${PORT:-8000}
@@ -74,4 +83,4 @@ mutation: install ## mutation testing of the state machine, cleanup pass and int
 	$(MUTATION_VENV)/bin/mutmut results
 
 clean: ## remove the venv, node_modules and local state
-	rm -rf $(VENV) $(MUTATION_VENV) mutants node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) $(MUTATION_VENV) $(CHECKOV_VENV) mutants node_modules .hublaunch .pytest_cache .mypy_cache .ruff_cache test-artifacts

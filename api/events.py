@@ -76,6 +76,9 @@ def _load(
         out = []
         for event in queries.events_after(db, launch_id, after_id):
             payload = _payload(event)
+            if event.phase == Phase.built:
+                # BinderHub's built event names the image too (its JS client shows it).
+                payload.setdefault("imageName", launch.spec.get("image") or launch.env_name)
             if event.phase == Phase.ready:
                 # BinderHub's ready event names the image it launched.
                 payload["image"] = launch.spec.get("image") or launch.env_name

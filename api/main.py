@@ -27,6 +27,7 @@ from api.ratelimit import LimitLaunchStarts
 from api.routes import admin, binder, health, launches, metrics, pages
 from worker.broker import Broker, make_broker
 from worker.hub_client import HubClient
+from worker.hubs import hubs
 from worker.metrics import Recorder
 from worker.notify import redis_url
 from worker.settings import Settings, get_settings
@@ -191,14 +192,18 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         _freeze_startup_objects()
         # Without the service token: the visitor-facing process only asks whether the Hub
         # answers; the worker alone drives it.
-        app.state.hub = HubClient(settings.hub_api_url, "", timeout=3.0)
+        app.state.hubs = {
+            hub.name: HubClient(hub.api_url, "", timeout=3.0, name=hub.name)
+            for hub in hubs(settings)
+        }
         # One pooled client for health checks (nothing connects until the first check).
         url = redis_url(settings)
         app.state.broker = (
             redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) if url else None
         )
         yield
-        app.state.hub.close()
+        for client in app.state.hubs.values():
+            client.close()
         if app.state.broker is not None:
             app.state.broker.close()
 

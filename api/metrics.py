@@ -26,9 +26,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import String, cast, func, select
 
-from worker import metrics, queries
+from worker import metrics, placement, queries
 from worker.db import as_utc, reading, utcnow
-from worker.models import Launch, Status
+from worker.hubs import Hub, hubs
+from worker.models import HubHealth, Launch, Status
 from worker.pool_config import pools
 from worker.settings import Settings
 from worker.transitions import describe_spec
@@ -116,6 +117,9 @@ class HublaunchCollector(Collector):
                 select(func.min(Launch.created_at)).where(active, Launch.status == Status.queued)
             )
             pooled = queries.pool_counts(db)
+            configured = hubs(self.settings)
+            per_hub = placement.active_per_hub(db, configured[0].name)
+            health = {row.name: row for row in db.scalars(select(HubHealth))}
             expired = db.scalar(
                 select(func.count()).where(
                     active,
@@ -136,6 +140,7 @@ class HublaunchCollector(Collector):
         yield launches
         yield _sessions_by_spec(specs)
         yield _pool_servers(self.settings, pooled)
+        yield from _hub_gauges(configured, per_hub, health)
         backlog = GaugeMetricFamily(
             "hublaunch_queue_oldest_seconds",
             "Age of the oldest launch still queued (0 when none is).",
@@ -201,6 +206,32 @@ def _histogram(family: metrics.Family, fields: dict[str, float]) -> Metric:
         buckets.append(("+Inf", parts.get("+Inf", 0.0)))
         metric.add_metric(list(values), buckets, parts.get("sum", 0.0))
     return metric
+
+
+def _hub_gauges(
+    configured: tuple[Hub, ...], active: dict[str, int], health: dict[str, HubHealth]
+) -> Iterator[Metric]:
+    """Per Hub: its active sessions, its capacity (0: none of its own), and whether its last
+    check passed (1 until a check says otherwise: one Hub is not checked)."""
+    sessions = GaugeMetricFamily(
+        "hublaunch_hub_sessions", "Active sessions (and pooled servers) by Hub.", labels=["hub"]
+    )
+    capacity = GaugeMetricFamily(
+        "hublaunch_hub_capacity",
+        "Sessions each Hub may hold (0: no cap of its own).",
+        labels=["hub"],
+    )
+    up = GaugeMetricFamily(
+        "hublaunch_hub_up", "Whether the Hub answered its last health check.", labels=["hub"]
+    )
+    for hub in configured:
+        sessions.add_metric([hub.name], active.get(hub.name, 0))
+        capacity.add_metric([hub.name], hub.capacity)
+        row = health.get(hub.name)
+        up.add_metric([hub.name], 0.0 if row is not None and not row.healthy else 1.0)
+    yield sessions
+    yield capacity
+    yield up
 
 
 def _pool_servers(settings: Settings, held: dict[str, dict[str, int]]) -> Metric:

@@ -10,6 +10,7 @@ environment, never their command line, and each child gets only the ones it uses
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -132,6 +133,33 @@ class StackConfig:
     beat: bool = True
     hub: bool = True  # False: no Hub at all (tests of "Hub down")
     env: dict[str, str] = field(default_factory=dict)
+    # More Hubs beside the first (issue 14): each its own JupyterHub and proxy, children
+    # "hub-2", "hub-3", ...; HUBLAUNCH_HUBS then names them all. Each gets its own spawner
+    # (``extra_spawner``) and session uid range, so no two Hubs' sessions share a uid.
+    extra_hubs: int = 0
+    extra_spawner: str = "fake"
+    hub_capacity: int = 0
+
+
+@dataclass
+class ExtraHub:
+    """One more Hub of a stack: its ports, tokens and data folder."""
+
+    name: str
+    data_dir: Path
+    public_port: int = field(default_factory=free_port)
+    hub_port: int = field(default_factory=free_port)
+    proxy_api_port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    proxy_token: str = field(default_factory=lambda: secrets.token_hex(32))
+
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.public_url}/hub/api"
 
 
 @dataclass
@@ -157,6 +185,54 @@ class Stack:
         self.app_url = f"http://127.0.0.1:{self.app_port}"
         self.hub_api_url = f"{self.public_url}/hub/api"
         self.logs = c.data_dir / "logs"
+        self.extra: dict[str, ExtraHub] = {}
+        for number in range(2, 2 + c.extra_hubs):
+            name = f"hub-{number}"
+            self.extra[name] = ExtraHub(name, c.data_dir / name)
+            private_folder(c.data_dir / name)
+
+    def hubs_json(self, *, tokens: bool) -> str:
+        """HUBLAUNCH_HUBS naming every Hub (the first is "hub-1"); without the tokens for the
+        children that only ask whether a Hub answers."""
+        capacity = self.config.hub_capacity
+        entries = [
+            {
+                "name": "hub-1",
+                "api_url": self.hub_api_url,
+                "public_url": self.public_url,
+                "capacity": capacity,
+                **({"api_token": self.hub_token} if tokens else {}),
+            }
+        ]
+        for extra in self.extra.values():
+            entries.append(
+                {
+                    "name": extra.name,
+                    "api_url": extra.api_url,
+                    "public_url": extra.public_url,
+                    "capacity": capacity,
+                    **({"api_token": extra.token} if tokens else {}),
+                }
+            )
+        return json.dumps(entries)
+
+    def _extra_environ(self, extra: ExtraHub, number: int) -> dict[str, str]:
+        env = self.environ("hub")
+        env.update(
+            {
+                "HUBLAUNCH_HUB_API_TOKEN": extra.token,
+                "CONFIGPROXY_AUTH_TOKEN": extra.proxy_token,
+                "HUBLAUNCH_HUB_DATA_DIR": str(extra.data_dir),
+                "HUBLAUNCH_HUB_SPAWNER": self.config.extra_spawner,
+                "HUBLAUNCH_HUB_PORT": str(extra.hub_port),
+                "HUBLAUNCH_PROXY_PORT": str(extra.public_port),
+                "HUBLAUNCH_PROXY_API_PORT": str(extra.proxy_api_port),
+                # Sessions of different Hubs never share a uid (the first Hub's: the default).
+                "HUBLAUNCH_SESSION_UID_MIN": str(60000 + 1000 * (number - 1)),
+                "HUBLAUNCH_SESSION_UID_MAX": str(60999 + 1000 * (number - 1)),
+            }
+        )
+        return env
 
     def environ(self, child: str = "worker") -> dict[str, str]:
         """The environment of one child (``hub``, ``api``, ``worker``, ``beat``), holding only
@@ -190,6 +266,9 @@ class Stack:
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
             }
         )
+        if self.extra:
+            # Each Hub's token reaches only that Hub and the worker (SECRET_VARIABLES' rule).
+            env["HUBLAUNCH_HUBS"] = self.hubs_json(tokens=child == "worker")
         env.update(c.env)
         # The stack knows a child is up from its INFO lines ("ready.", "beat: Starting..."),
         # so its children log at INFO at least; their logs are files, not the console.
@@ -216,7 +295,7 @@ class Stack:
             **overrides,
         )
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         path = self.logs / f"{name}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # a log from before the data directory was made private
@@ -224,7 +303,7 @@ class Stack:
         log = os.fdopen(fd, "ab")
         self.procs[name] = subprocess.Popen(
             args,
-            env=self.environ(name),
+            env=env if env is not None else self.environ(name),
             umask=CHILD_UMASK,
             # The caller's directory, so relative paths in settings mean the same in every child.
             cwd=os.getcwd(),
@@ -245,6 +324,8 @@ class Stack:
             self._spawn(
                 "hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)]
             )
+        for name in self.extra:
+            self._spawn_extra(name)
         self._spawn("api", [*hublaunch, "api", "--port", str(self.app_port)])
         self._spawn("worker", [*hublaunch, "worker", *self._worker_options()])
         deadline = time.monotonic() + timeout
@@ -293,7 +374,32 @@ class Stack:
                 poll("the Hub", lambda: answers(f"http://127.0.0.1:{self.hub_port}/hub/api/"))
                 poll("the proxy's routing table", lambda: self._routed(http))
                 poll("the Hub through the proxy", lambda: answers(f"{self.hub_api_url}/"))
+            for extra in self.extra.values():
+                if extra.name in self.procs:
+                    self._wait_extra(extra, http, poll)
         self._wait_log("worker", b"ready.", deadline)
+
+    def _spawn_extra(self, name: str) -> None:
+        extra = self.extra[name]
+        number = int(name.rpartition("-")[2])
+        jupyterhub = str(Path(sys.executable).parent / "jupyterhub")
+        self._spawn(name, [jupyterhub, "-f", str(HUB_CONFIG)], self._extra_environ(extra, number))
+
+    def _wait_extra(
+        self, extra: ExtraHub, http: httpx.Client, poll: Callable[[str, Callable[[], bool]], None]
+    ) -> None:
+        def routed() -> bool:
+            response = http.get(
+                f"http://127.0.0.1:{extra.proxy_api_port}/api/routes",
+                headers={"Authorization": f"token {extra.proxy_token}"},
+            )
+            return response.status_code == 200 and {"/", "/hub/api"} <= set(response.json())
+
+        poll(
+            f"{extra.name}",
+            lambda: http.get(f"http://127.0.0.1:{extra.hub_port}/hub/api/").status_code == 200,
+        )
+        poll(f"{extra.name}'s proxy routes", routed)
 
     def _routed(self, http: httpx.Client) -> bool:
         """Whether the proxy routes both the Hub's API and everything else (to the app)."""
@@ -328,7 +434,8 @@ class Stack:
 
     def stop(self, name: str | None = None, timeout: float = 15.0) -> None:
         """Stop one child, or all of them (the Hub last, so it can stop its servers)."""
-        names = [name] if name else [n for n in ("beat", "api", "worker", "hub") if n in self.procs]
+        order = ("beat", "api", "worker", *self.extra, "hub")
+        names = [name] if name else [n for n in order if n in self.procs]
         for n in names:
             proc = self.procs[n]
             if proc.poll() is None:
@@ -369,6 +476,9 @@ class Stack:
             self._spawn(
                 "hub", [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HUB_CONFIG)]
             )
+            self.wait_ready(60)
+        elif name in self.extra:
+            self._spawn_extra(name)
             self.wait_ready(60)
         else:
             raise ValueError(f"start_child runs the worker, beat or the Hub, not {name!r}")

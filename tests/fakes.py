@@ -28,6 +28,7 @@ from worker.unit_of_work import UnitOfWork
 @dataclass
 class FakeHub:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = "default"  # the Hub's name (worker/hubs.py), as HubClient has it
     calls: list[tuple[str, str]] = field(default_factory=list)
     # Set to make the next N calls fail as if the Hub were down.
     down_for: int = 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -32,9 +33,10 @@ from typing import Any
 from sqlalchemy import and_, exists, func, select, text
 from sqlalchemy.orm import Session
 
-from worker import transitions
+from worker import placement, transitions
 from worker.context import WorkerContext
 from worker.db import as_utc
+from worker.hubs import hubs
 from worker.models import Launch, LaunchEvent, Phase, Status
 from worker.outcome import DONE, Outcome
 from worker.queries import get_launch
@@ -247,17 +249,27 @@ def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
         me = Entry(launch.id, spec_key(launch.spec), launch.created_at)
         line = _in_line(uow.db, launch_id)
         held, total = _held(uow.db, {me.key} | {entry.key for entry in line})
+        # Several Hubs (worker/placement.py): only the room of the Hubs that answer counts.
+        configured = hubs(ctx.settings)
+        up = placement.healthy(uow.db, configured, now, ctx.settings.hub_health_interval)
+        per_hub = placement.active_per_hub(uow.db, configured[0].name)
+        room = placement.room(up, per_hub)
+        if room != math.inf:
+            caps = Limits(total=min(caps.total, total + int(room)), per_spec=caps.per_spec)
         position = place(me, held, line, caps, active_total=total)
-        if position is None:
+        chosen = placement.choose(up, per_hub) if position is None else None
+        if chosen is not None:
             transitions.mark_launching(
                 uow,
                 launch,
                 user_prefix=ctx.settings.user_prefix,
                 deadline=now + timedelta(seconds=ctx.settings.launch_timeout),
                 now=now,
+                hub=chosen.name,
             )
             uow.notify(launch_id)
             return launch
+        position = position or 0  # room counted, but no Hub took it (a race): wait a turn
         first = uow.db.scalars(_slot_events(launch_id).order_by(LaunchEvent.id).limit(1)).first()
         waited = (now - as_utc(first.created_at)).total_seconds() if first else 0.0
         if waited >= ctx.settings.max_wait:

@@ -28,6 +28,7 @@ CULL_TASK = "hublaunch.cull"
 RECOVER_TASK = "hublaunch.recover"
 BUILD_TASK = "hublaunch.build"
 POOL_TASK = "hublaunch.pool"
+HUB_HEALTH_TASK = "hublaunch.hub_health"
 
 
 class QueueUnavailable(Exception):

@@ -13,12 +13,14 @@ from celery.signals import setup_logging, task_postrun, task_prerun, worker_proc
 from worker.broker import (
     BUILD_TASK,
     CULL_TASK,
+    HUB_HEALTH_TASK,
     LAUNCH_TASK,
     POOL_TASK,
     RECOVER_TASK,
     TEARDOWN_TASK,
 )
 from worker.db import dispose_all
+from worker.hubs import hubs
 from worker.logs import bind_build, bind_launch, configure, configured
 from worker.settings import Settings, get_settings
 
@@ -71,6 +73,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                     }
                 }
                 if settings.pool
+                else {}
+            ),
+            # Several Hubs: each is checked, and one that does not answer gets no new launch
+            # (worker/hub_health.py). One Hub: its launches wait for it as they always did.
+            **(
+                {
+                    "check-hubs": {
+                        "task": HUB_HEALTH_TASK,
+                        "schedule": settings.hub_health_interval,
+                        "options": {"expires": settings.hub_health_interval},
+                    }
+                }
+                if len(hubs(settings)) > 1
                 else {}
             ),
         },

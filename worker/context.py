@@ -16,6 +16,7 @@ from worker.builders import Builder, make_builder
 from worker.crypto import cipher
 from worker.db import as_utc, utcnow
 from worker.hub_client import HubClient
+from worker.hubs import hubs
 from worker.metrics import Recorder
 from worker.models import Launch
 from worker.notify import Notifier, redis_url
@@ -31,6 +32,7 @@ class NoBuilder(Exception):
 @dataclass
 class WorkerContext:
     settings: Settings
+    # The first Hub's client; with several Hubs (worker/hubs.py) ``hubs`` holds each by name.
     hub: HubClient
     cipher: Fernet
     # Transactions, and the messages and doorbells that go out after they commit.
@@ -38,6 +40,16 @@ class WorkerContext:
     clock: Callable[[], datetime] = field(default=utcnow)
     builder: Builder | None = None
     resolve: Callable[[RepoSpec, Settings], str] = sources.resolve
+    hubs: dict[str, HubClient] = field(default_factory=dict)
+
+    def hub_for(self, name: str | None) -> HubClient:
+        """The client of the Hub a launch is on (``None``: the first, as for older rows)."""
+        if name is None or not self.hubs:
+            return self.hub
+        return self.hubs.get(name, self.hub)
+
+    def all_hubs(self) -> dict[str, HubClient]:
+        return self.hubs or {self.hub.name: self.hub}
 
     def deadline(self, launch: Launch) -> datetime:
         if launch.deadline_at is not None:
@@ -53,12 +65,19 @@ class WorkerContext:
 def build_context(settings: Settings) -> WorkerContext:
     # Hub requests are counted as they happen and added to Redis with the next commit.
     recorder = Recorder(redis_url(settings), settings.queue)
-    hub = HubClient(
-        settings.hub_api_url,
-        settings.hub_api_token.get_secret_value(),
-        timeout=settings.hub_request_timeout,
-        observe=recorder.add,
-    )
+    configured = hubs(settings)
+    if len(configured) > 1 and not all(hub.api_token for hub in configured):
+        raise ValueError("HUBLAUNCH_HUBS: the worker needs each Hub's api_token")
+    clients = {
+        hub.name: HubClient(
+            hub.api_url,
+            hub.api_token,
+            timeout=settings.hub_request_timeout,
+            observe=recorder.add,
+            name=hub.name,
+        )
+        for hub in configured
+    }
     units = Units(
         settings.database_url,
         make_broker(settings),
@@ -67,7 +86,8 @@ def build_context(settings: Settings) -> WorkerContext:
     )
     return WorkerContext(
         settings=settings,
-        hub=hub,
+        hub=next(iter(clients.values())),
+        hubs=clients,
         cipher=cipher(settings),
         units=units,
         builder=make_builder(settings),

@@ -62,9 +62,10 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
     made after it committed: no database transaction waits on the Hub.
     """
     now = ctx.clock()
-    hub_users = _list_hub_users(ctx)
+    listing = _list_hub_users(ctx)
+    hub_users = listing.users if listing is not None else None
     listed_at = now
-    stopped = _stopped_by_reason(ctx, hub_users) if hub_users is not None else {}
+    stopped = _stopped_by_reason(ctx, listing) if listing is not None else {}
     actions: list[Action] = []
     claimed: list[tuple[str, str | None, str]] = []  # (category, user, launch id)
     lost: Claimed = []
@@ -101,9 +102,9 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
             for launch_id, user in claims.owed_removals():
                 claimed.append(("removal", user, launch_id))
             lost = claims.lost(ctx.settings.redispatch_after)
-            if hub_users is not None:
-                orphans = _orphans(ctx, uow.db, hub_users, now)
-                actions += _ghosts(uow, hub_users, listed_at, now, dry_run)
+            if listing is not None:
+                orphans = _orphans(ctx, uow.db, listing, now)
+                actions += _ghosts(ctx, uow, listing, listed_at, now, dry_run)
     except Undelivered as e:  # committed; the next pass re-sends what the broker refused
         undelivered = {message.argument for message in e.messages}
 
@@ -120,7 +121,10 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
     with ThreadPoolExecutor(ctx.settings.cull_concurrency, thread_name_prefix="cull") as pool:
         listed = hub_users or {}
         removals = pool.map(lambda c: _remove_launch_user(ctx, c[0], c[1], c[2], listed), claimed)
-        deletions = pool.map(lambda name: _remove_orphan(ctx, name, listed.get(name)), orphans)
+        where = listing.hub_of if listing is not None else {}
+        deletions = pool.map(
+            lambda name: _remove_orphan(ctx, name, listed.get(name), where.get(name)), orphans
+        )
         actions += list(removals) + list(deletions)
     _release([launch_id for _, _, launch_id in claimed], actions, ctx.units)
     for action in actions:
@@ -131,17 +135,15 @@ def cull_pass(ctx: WorkerContext, *, dry_run: bool = False) -> list[Action]:
     return actions
 
 
-def _stopped_by_reason(
-    ctx: WorkerContext, hub_users: dict[str, HubUser]
-) -> dict[EndReason, list[str]]:
+def _stopped_by_reason(ctx: WorkerContext, listing: Listing) -> dict[EndReason, list[str]]:
     """Users whose server stopped, by why: the sandbox records "out of memory" in the spawner's
     state; anything else (a crash, a Hub restart without its servers) is "gone"."""
     found: dict[EndReason, list[str]] = {EndReason.gone: [], EndReason.out_of_memory: []}
-    for user in hub_users.values():
+    for user in listing.users.values():
         if _running(user):
             continue
         try:
-            why = ctx.hub.stopped_reason(user.name)
+            why = ctx.hub_for(listing.hub_of[user.name]).stopped_reason(user.name)
         except HubError:
             why = ""
         reason = EndReason.out_of_memory if why == "out of memory" else EndReason.gone
@@ -156,18 +158,40 @@ def _verb(category: str) -> str:
 # -- reading the Hub -------------------------------------------------------------
 
 
-def _list_hub_users(ctx: WorkerContext) -> dict[str, HubUser] | None:
+@dataclass(frozen=True)
+class Listing:
+    """The prefixed users of every Hub that answered (names are unique across Hubs), the Hub
+    each is on, and which Hubs answered: a Hub that is down has its idle, orphan and ghost
+    checks wait for a pass that can list it, and the other Hubs' go on."""
+
+    users: dict[str, HubUser]
+    hub_of: dict[str, str]
+    listed: frozenset[str]
+    first: str
+
+    def covers(self, hub: str | None) -> bool:
+        return (hub or self.first) in self.listed
+
+
+def _list_hub_users(ctx: WorkerContext) -> Listing | None:
     prefix = ctx.settings.user_prefix
-    try:
-        return {
-            user.name: user
-            for user in ctx.hub.iter_users(name_filter=prefix)
-            if user.name.startswith(prefix)
-        }
-    except HubError as e:
-        # Without the listing, idle, orphan and ghost checks wait for the next pass.
-        log.warning("cull: cannot list Hub users: %s", e.message)
+    users: dict[str, HubUser] = {}
+    hub_of: dict[str, str] = {}
+    listed: set[str] = set()
+    clients = ctx.all_hubs()
+    for name, client in clients.items():
+        try:
+            found = [u for u in client.iter_users(name_filter=prefix) if u.name.startswith(prefix)]
+        except HubError as e:
+            log.warning("cull: cannot list the users of Hub %s: %s", name, e.message)
+            continue
+        listed.add(name)
+        for user in found:
+            users[user.name] = user
+            hub_of[user.name] = name
+    if not listed:
         return None
+    return Listing(users, hub_of, frozenset(listed), next(iter(clients)))
 
 
 def _running(user: HubUser) -> bool:
@@ -297,45 +321,48 @@ class _Claims:
         return transitions.resend_quiet(self.uow, where, now=self.now)
 
 
-def _orphans(
-    ctx: WorkerContext, db: Session, users: dict[str, HubUser], now: datetime
-) -> list[str]:
-    """Prefixed, non-admin Hub users older than the grace period with no launch that owns them."""
+def _orphans(ctx: WorkerContext, db: Session, listing: Listing, now: datetime) -> list[str]:
+    """Prefixed, non-admin Hub users older than the grace period with no launch that owns them
+    on the Hub they are on (a launch placed again elsewhere left its first user behind)."""
     grace_cutoff = now - timedelta(seconds=ctx.settings.orphan_grace)
     candidates = [
         user.name
-        for user in users.values()
+        for user in listing.users.values()
         if not user.admin and user.created is not None and as_utc(user.created) < grace_cutoff
     ]
     owned: set[str] = set()
     for names in _chunks(candidates):
+        rows = db.execute(
+            select(Launch.hub_user, Launch.hub).where(_active(), Launch.hub_user.in_(names))
+        )
         owned.update(
             name
-            for name in db.scalars(
-                select(Launch.hub_user).where(_active(), Launch.hub_user.in_(names))
-            )
-            if name is not None
+            for name, hub in rows
+            if name is not None and (hub or listing.first) == listing.hub_of[name]
         )
     return [name for name in candidates if name not in owned]
 
 
 def _ghosts(
+    ctx: WorkerContext,
     uow: UnitOfWork,
-    users: dict[str, HubUser],
+    listing: Listing,
     listed_at: datetime,
     now: datetime,
     dry_run: bool,
 ) -> list[Action]:
-    """Ready sessions whose Hub user is gone (deleted by hand, lost with the Hub's database)."""
+    """Ready sessions whose Hub user is gone (deleted by hand, lost with the Hub's database),
+    on the Hubs that answered (one that is down is not taken to have lost its sessions)."""
+    users = listing.users
     ready = uow.db.execute(
-        select(Launch.id, Launch.hub_user).where(
+        select(Launch.id, Launch.hub_user, Launch.hub).where(
             _active(),
             Launch.status.in_((Status.ready, Status.pooled)),
             Launch.end_requested_at.is_(None),
             Launch.ready_at < listed_at,  # a session that became ready after the listing is fine
         )
     ).all()
-    gone = [r.id for r in ready if r.hub_user not in users]
+    gone = [r.id for r in ready if listing.covers(r.hub) and r.hub_user not in users]
     if dry_run:
         return [
             Action("ghost", r.hub_user, r.id, "would mark ended") for r in ready if r.id in gone
@@ -377,14 +404,16 @@ def _remove_bound_launch_user(
     return Action(category, user, launch_id, "ended" if category != "stuck" else "failed")
 
 
-def _remove_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Action:
+def _remove_orphan(ctx: WorkerContext, name: str, known: HubUser | None, hub: str | None) -> Action:
     with bind_launch(None, name):
-        return _remove_bound_orphan(ctx, name, known)
+        return _remove_bound_orphan(ctx, name, known, hub)
 
 
-def _remove_bound_orphan(ctx: WorkerContext, name: str, known: HubUser | None) -> Action:
+def _remove_bound_orphan(
+    ctx: WorkerContext, name: str, known: HubUser | None, hub: str | None
+) -> Action:
     try:
-        removed = remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS, known=known)
+        removed = remove_hub_user(ctx.hub_for(hub), name, wait=STOP_WAIT_SECONDS, known=known)
     except Exception as e:
         log.exception("cull: removing orphan %s failed", name)
         return Action("orphan", name, None, f"error: {type(e).__name__}")

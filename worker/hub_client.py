@@ -185,7 +185,9 @@ class HubClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         observe: Callable[[list[Observation]], None] | None = None,
+        name: str = "default",
     ) -> None:
+        self.name = name  # the Hub's name (worker/hubs.py): its metrics' label
         # Each request's endpoint family, status code and latency go here (the worker's metrics).
         self._observe = observe
         self._http = httpx.Client(
@@ -215,10 +217,13 @@ class HubClient:
                 family = endpoint_family(method, path)
                 self._observe(
                     [
-                        observation("hublaunch_hub_requests", family=family, code=code),
+                        observation(
+                            "hublaunch_hub_requests", hub=self.name, family=family, code=code
+                        ),
                         observation(
                             "hublaunch_hub_request_seconds",
                             time.perf_counter() - started,
+                            hub=self.name,
                             family=family,
                         ),
                     ]

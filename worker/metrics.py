@@ -123,14 +123,14 @@ FAMILIES: dict[str, Family] = {
         Family(
             "hublaunch_hub_requests",
             "counter",
-            "Requests to the Hub's REST API, by endpoint family and status code.",
-            ("family", "code"),
+            "Requests to the Hubs' REST APIs, by Hub, endpoint family and status code.",
+            ("hub", "family", "code"),
         ),
         Family(
             "hublaunch_hub_request_seconds",
             "histogram",
-            "Latency of requests to the Hub's REST API, by endpoint family.",
-            ("family",),
+            "Latency of requests to the Hubs' REST APIs, by Hub and endpoint family.",
+            ("hub", "family"),
             HUB_BUCKETS,
         ),
     )

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -152,6 +153,8 @@ class Launch(Base):
     spawn_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Set on a warm-pool launch (worker/pool.py): the pool it fills. None for a visitor's.
     pool_key: Mapped[str | None] = mapped_column(String(POOL_KEY_LENGTH), index=True)
+    # The Hub it was placed on (worker/hubs.py), chosen with its slot; None: the first Hub.
+    hub: Mapped[str | None] = mapped_column(String(63), index=True)
 
     __table_args__ = (
         # Rows whose Hub user may still exist: everything live plus owed removals. Every query
@@ -196,6 +199,20 @@ class BuildStatus(enum.StrEnum):
     built = "built"
     failed = "failed"
     evicted = "evicted"
+
+
+class HubHealth(Base):
+    """What the last checks of each Hub said (worker/hub_health.py): launches are placed only
+    on Hubs that answer. No row yet: taken as healthy (a new Hub is used at once)."""
+
+    __tablename__ = "hub_health"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    healthy: Mapped[bool] = mapped_column(Boolean)
+    checked_at: Mapped[datetime] = mapped_column(Timestamp)
+    # Since when it has failed every check (None while healthy): the failover's clock.
+    failing_since: Mapped[datetime | None] = mapped_column(Timestamp)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Build(Base):

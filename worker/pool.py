@@ -29,7 +29,7 @@ from worker import transitions
 from worker.admission import ACTIVE, limits
 from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
 from worker.context import WorkerContext
-from worker.hub_client import HubError
+from worker.hub_client import HubClient, HubError
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
 from worker.metrics import observation
 from worker.models import Launch, Status
@@ -99,21 +99,29 @@ def take(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> tuple[str 
         if alive(ctx, name):
             return name, True
         log.warning("launch %s: pooled server %s is gone; trying the next", launch_id, name)
+        dead_on = _hub(ctx, name)  # read before the launch gives the name up
         replacement = claim(ctx, launch_id, spec, replacing=name)
         if replacement is None:
             return name, False  # none left: a fresh server for this user
         try:
-            remove_hub_user(ctx.hub, name, wait=STOP_WAIT_SECONDS)
+            remove_hub_user(dead_on, name, wait=STOP_WAIT_SECONDS)
         except HubError as e:  # an unowned prefixed user: the cleanup pass's orphan rule
             log.warning("pool: removing the dead pooled user %s: %s", name, e.message)
         name = replacement
     return name, False
 
 
+def _hub(ctx: WorkerContext, name: str) -> HubClient:
+    """The client of the Hub the user ``name`` is on (a pooled server stays on its Hub)."""
+    with ctx.units.begin() as uow:
+        hub = uow.db.scalar(select(Launch.hub).where(Launch.hub_user == name))
+    return ctx.hub_for(hub)
+
+
 def alive(ctx: WorkerContext, name: str) -> bool:
     """Whether the user's server runs and answers, as the Hub sees it now."""
     try:
-        user = ctx.hub.get_user(name)
+        user = _hub(ctx, name).get_user(name)
     except HubError:
         return False
     server = user.servers.get("") if user is not None else None

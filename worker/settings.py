@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,13 +14,27 @@ DATA_DIR = Path(".hublaunch")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HUBLAUNCH_", extra="ignore")
+    # HUBLAUNCH_SECRETS_DIR: a folder of files named like the variables (HUBLAUNCH_DATABASE_URL,
+    # ...), each holding one setting: secrets mounted as files (Kubernetes, Docker secrets)
+    # instead of in the environment, where any process of the same user could read them.
+    model_config = SettingsConfigDict(
+        env_prefix="HUBLAUNCH_",
+        extra="ignore",
+        secrets_dir=os.environ.get("HUBLAUNCH_SECRETS_DIR") or None,
+    )
 
     database_url: str = f"sqlite:///{DATA_DIR / 'hublaunch.sqlite'}"
     broker_url: str = "redis://127.0.0.1:6379/0"
     hub_api_url: str = "http://127.0.0.1:8000/hub/api"
     hub_api_token: SecretStr = SecretStr("")
     public_url: str = "http://127.0.0.1:8000"
+    # Several Hubs (worker/hubs.py): a JSON list of {"name", "api_url", "api_token",
+    # "public_url", "capacity"}; launches go to the healthy Hub with the most room. Empty: the
+    # one Hub of hub_api_url/hub_api_token, its sessions on public_url.
+    hubs: str = ""
+    # Seconds between checks of every Hub (beat); a Hub that fails a check gets no new launch
+    # until one passes.
+    hub_health_interval: float = Field(5.0, gt=0)
     user_prefix: str = "hl-"
     session_max_age: int = Field(21600, gt=0)
     launch_timeout: int = Field(600, gt=0)
@@ -164,6 +179,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"pool: {entry!r} must read <spec>=<n>, e.g. default=3 or gh:org/repo@main=2"
                 )
+        return value
+
+    @field_validator("hubs")
+    @classmethod
+    def _hub_list(cls, value: str) -> str:
+        from worker.hubs import BadHubs, _parse  # the parser lives with the Hubs it makes
+
+        try:
+            _parse(value, "http://unused", "", "http://unused")
+        except BadHubs as e:
+            raise ValueError(str(e)) from e
         return value
 
     @field_validator("hub_api_url", "public_url")

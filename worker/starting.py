@@ -16,11 +16,12 @@ from datetime import timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from worker import admission, builds, pool, transitions
+from worker import admission, builds, hub_health, pool, transitions
 from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
 from worker.hub_client import HubError, HubRequestError, HubSpawnFailed, HubUnavailable
+from worker.hubs import hub_of
 from worker.logs import bind_user
 from worker.models import Build, Phase, Status
 from worker.outcome import DONE, Outcome, backoff, handoff
@@ -167,13 +168,20 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
     confirm = launch.spawn_failures > 0
 
     bind_user(name)  # the rest of this launch's lines name its Hub user
+    hub = ctx.hub_for(launch.hub)
     spawn_started = time.monotonic()
-    ctx.hub.create_user(name)
     try:
-        ready = ctx.hub.start_server(name, {"image": image})
+        hub.create_user(name)
+    except HubUnavailable as e:
+        # Its Hub went away before the user existed: another Hub may take the launch now.
+        if _place_again(ctx, launch_id, hub.name, e):
+            return Outcome(retry_in=0)
+        raise
+    try:
+        ready = hub.start_server(name, {"image": image})
         if not ready or confirm:
             remaining = (deadline - ctx.clock()).total_seconds()
-            ctx.hub.wait_ready(
+            hub.wait_ready(
                 name,
                 timeout=max(remaining, 0.1),
                 on_progress=lambda m: _progress(ctx, launch_id, m),
@@ -183,6 +191,22 @@ def _advance(ctx: WorkerContext, launch_id: str) -> Outcome:
             raise
         return _spawn_again(ctx, launch_id, name, e)
     return _issue_token(ctx, launch_id, name, time.monotonic() - spawn_started)
+
+
+def _place_again(ctx: WorkerContext, launch_id: str, hub: str, e: HubUnavailable) -> bool:
+    """With other Hubs configured: record ``hub`` as failing and put the launch back in line
+    with no Hub (and a fresh user name: the old one may exist on ``hub``, whose cleanup removes
+    it as an orphan). True when it was put back."""
+    if len(ctx.all_hubs()) < 2:
+        return False
+    with ctx.units.begin() as uow:
+        hub_health.record(uow.db, hub, ok=False, error=e.message, now=ctx.clock())
+        launch = get_launch(uow.db, launch_id)
+        if launch is None or launch.status != Status.launching or launch.hub != hub:
+            return False
+        transitions.unplace(uow, launch, why=f"{hub} did not answer", now=ctx.clock())
+    log.warning("launch %s: Hub %s unavailable (%s); placing it again", launch_id, hub, e)
+    return True
 
 
 # The Hub's words for an image it cannot run (hub/spawners.py UnknownImage): no new server
@@ -205,7 +229,10 @@ def _spawn_again(ctx: WorkerContext, launch_id: str, name: str, e: HubError) -> 
     log.warning("launch %s: the server did not start: %s", launch_id, e.message)
     # The failed server is stopped before the next try (JupyterHub stops it itself after a
     # failed spawn; this also covers a server that started too late).
-    if not ctx.hub.stop_server(name):
+    with ctx.units.begin() as uow:
+        placed = get_launch(uow.db, launch_id)
+        hub = ctx.hub_for(placed.hub if placed is not None else None)
+    if not hub.stop_server(name):
         log.info("launch %s: the failed server is still stopping", launch_id)
     tries = ctx.settings.spawn_tries
     with ctx.units.begin() as uow:
@@ -308,7 +335,7 @@ def _issue_token(
     if launch.pool_key is not None:
         return handoff(teardown(ctx, launch_id))
     # The token opens this one user's server only and dies with the session.
-    token = ctx.hub.create_token(
+    token = ctx.hub_for(launch.hub).create_token(
         name,
         scopes=[f"access:servers!user={name}"],
         expires_in=launch.lifetime + TOKEN_GRACE,
@@ -324,7 +351,7 @@ def _issue_token(
             uow,
             launch,
             token_ciphertext=ciphertext,
-            public_url=ctx.settings.public_url,
+            public_url=hub_of(ctx.settings, launch.hub).public_url,
             now=now,
             spawn_seconds=spawn_seconds,
         ):

@@ -10,11 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 from worker import abandon as abandoned
-from worker import builds, claims, cull, pool, starting, teardown
+from worker import builds, claims, cull, hub_health, pool, starting, teardown
 from worker.broker import (
     ABANDON_TASK,
     BUILD_TASK,
     CULL_TASK,
+    HUB_HEALTH_TASK,
     LAUNCH_TASK,
     POOL_TASK,
     RECOVER_TASK,
@@ -74,6 +75,12 @@ def recover() -> int:
 def refill_pools(_reason: str = "") -> int:
     report = pool.maintain(worker_context())
     return sum(report.started.values())
+
+
+# Every Hub checked at once (worker/hub_health.py); a lost check is done by the next.
+@app.task(name=HUB_HEALTH_TASK, acks_late=False, soft_time_limit=30, time_limit=45)
+def check_hubs() -> dict[str, bool]:
+    return hub_health.check_all(worker_context())
 
 
 # Builds are long and not safe to run twice at once; the builds row (heartbeat) is what

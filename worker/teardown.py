@@ -29,10 +29,11 @@ def teardown(
         if launch is None or launch.user_removed_at is not None:
             return DONE
         name = launch.hub_user
+        hub = ctx.hub_for(launch.hub)
     bind_user(name)
     try:
         removed = name is None or remove_hub_user(
-            ctx.hub,
+            hub,
             name,
             wait=STOP_WAIT_SECONDS,
             known=known if known and known.name == name else None,

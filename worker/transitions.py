@@ -42,7 +42,10 @@ STARTING = (Status.queued, Status.building, Status.launching)
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.queued: frozenset({Status.building, Status.launching, Status.failed, Status.ended}),
     Status.building: frozenset({Status.launching, Status.failed, Status.ended}),
-    Status.launching: frozenset({Status.ready, Status.pooled, Status.failed, Status.ended}),
+    # Back to queued: its Hub went away before its user existed (placed again, issue 14).
+    Status.launching: frozenset(
+        {Status.ready, Status.pooled, Status.failed, Status.ended, Status.queued}
+    ),
     # Handed over to a visitor's launch, drained, or found gone: its row ends either way.
     Status.pooled: frozenset({Status.ended}),
     Status.ready: frozenset({Status.ended}),
@@ -295,10 +298,17 @@ def record_commit(
 
 
 def mark_launching(
-    uow: UnitOfWork, launch: Launch, *, user_prefix: str, deadline: datetime, now: datetime
+    uow: UnitOfWork,
+    launch: Launch,
+    *,
+    user_prefix: str,
+    deadline: datetime,
+    now: datetime,
+    hub: str | None = None,
 ) -> str:
-    """-> ``launching``, choosing the Hub user name once: the UPDATE is conditional on there
-    being none yet, so a concurrent duplicate run cannot pick a second one. Returns the name."""
+    """-> ``launching`` on ``hub``, choosing the Hub user name once: the UPDATE is conditional
+    on there being none yet, so a concurrent duplicate run cannot pick a second one. Returns
+    the name."""
     if launch.hub_user is None:
         was_queued = launch.status == Status.queued
         chosen = rowcount(
@@ -311,6 +321,7 @@ def mark_launching(
             )
             .values(
                 hub_user=new_hub_user_name(user_prefix),
+                hub=hub,
                 status=Status.launching,
                 updated_at=now,
                 deadline_at=deadline,
@@ -326,6 +337,15 @@ def mark_launching(
     if launch.hub_user is None:
         raise IllegalTransition(launch.id, launch.status, Status.launching)
     return launch.hub_user
+
+
+def unplace(uow: UnitOfWork, launch: Launch, *, why: str, now: datetime) -> None:
+    """A launching launch whose Hub failed before its user was created -> ``queued`` with no
+    Hub and no user name, so the next admission places it on a Hub that answers."""
+    _move(launch, Status.queued, now)
+    launch.hub = None
+    launch.hub_user = None
+    note(uow, launch, Phase.waiting, f"{why}; placing it on another Hub", now=now)
 
 
 def mark_ready(
@@ -436,7 +456,9 @@ def hand_over(
     ):
         return None
     pooled = uow.db.execute(
-        select(Launch.hub_user, Launch.commit, Launch.env_name).where(Launch.id == pooled_id)
+        select(Launch.hub_user, Launch.hub, Launch.commit, Launch.env_name).where(
+            Launch.id == pooled_id
+        )
     ).first()
     if pooled is None or pooled.hub_user is None:
         return None
@@ -473,6 +495,7 @@ def hand_over(
         )
         .values(
             hub_user=name,
+            hub=pooled.hub,  # the server stays on its Hub
             status=Status.launching,
             commit=pooled.commit,
             env_name=pooled.env_name,

@@ -17,7 +17,7 @@ from api import binder, build_tokens, intake, ratelimit
 from api.deps import SettingsDep, UnitsDep, WriterDep
 from api.events import event_stream, parse_event_id
 from api.pages import page
-from api.routes.health import run_checks
+from api.routes.health import down, run_checks
 from api.schemas import RATE_LIMITED_STREAM, event_stream_response
 from worker import abandon, queries, repos, sources
 from worker.db import reading
@@ -338,11 +338,13 @@ def binderhub_health(request: Request, settings: SettingsDep) -> JSONResponse:
     the same checks as ``/api/health``."""
     checks = run_checks(request, settings)
     services = {"hub": "JupyterHub API", "database": "Database", "broker": "Queue"}
-    ok = all(state == "ok" for state in checks.values())
+    ok = not down(checks)
     body = {
         "ok": ok,
         "checks": [
-            {"service": services[name], "ok": state == "ok"} for name, state in checks.items()
+            {"service": services[name], "ok": state == "ok"}
+            for name, state in checks.items()
+            if name in services
         ],
     }
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from fastapi import APIRouter, Request
@@ -50,17 +51,30 @@ def _check_hub(hub: HubClient) -> str:
 
 
 def run_checks(request: Request, settings: Settings) -> dict[str, str]:
-    """Each service's state, "ok" or "down" (also BinderHub's /health, api/routes/binder.py)."""
-    return {
+    """Each service's state, "ok" or "down" (also BinderHub's /health, api/routes/binder.py).
+    "hub" is ok while any Hub answers (launches go to those); with several Hubs each is also
+    reported as "hub:<name>"."""
+    clients: dict[str, HubClient] = request.app.state.hubs
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        states = dict(zip(clients, pool.map(_check_hub, clients.values()), strict=True))
+    checks = {
         "database": _check_database(settings),
         "broker": _check_broker(request.app.state.broker),
-        "hub": _check_hub(request.app.state.hub),
+        "hub": "ok" if "ok" in states.values() else "down",
     }
+    if len(states) > 1:
+        checks.update({f"hub:{name}": state for name, state in states.items()})
+    return checks
+
+
+def down(checks: dict[str, str]) -> list[str]:
+    """What the service cannot work without (one Hub of several may be down)."""
+    return [name for name, state in checks.items() if state != "ok" and ":" not in name]
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 def health(request: Request, settings: SettingsDep) -> JSONResponse:
     checks = run_checks(request, settings)
-    down = [name for name, state in checks.items() if state != "ok"]
-    body = Health(status="down: " + ", ".join(down) if down else "ok", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=503 if down else 200)
+    missing = down(checks)
+    body = Health(status="down: " + ", ".join(missing) if missing else "ok", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=503 if missing else 200)

@@ -26,6 +26,7 @@ from api.schemas import (
 from worker import queries
 from worker.crypto import reveal
 from worker.db import as_utc, as_utc_or_none, reading
+from worker.hubs import hub_of
 from worker.logs import bind_launch
 from worker.models import Launch, Status
 from worker.settings import Settings
@@ -47,7 +48,10 @@ def _not_found() -> HTTPException:
 
 def _url_with_token(settings: Settings, launch: Launch) -> str | None:
     token = reveal(settings, launch.token_ciphertext) if launch.status == Status.ready else None
-    return f"{launch.server_url(settings.public_url)}?token={token}" if token else None
+    if not token:
+        return None
+    # The server is on its Hub's public URL (worker/hubs.py; one Hub: the service's).
+    return f"{launch.server_url(hub_of(settings, launch.hub).public_url)}?token={token}"
 
 
 def view(settings: Settings, launch: Launch) -> LaunchView:

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from hublaunch.stack import Stack
 from tests.integration.conftest import wait_for
 from tests.integration.gitserver import GitServer
+from tests.unit.test_binder_compat import binderhub_fields
 from worker.db import session_scope
 from worker.models import Launch
 
@@ -157,3 +158,10 @@ def test_a_repository_build_streams_binderhubs_ready_fields(
     assert ready["binder_request"] == f"v2/git/{quote(url, safe='')}/main"
     assert ready["binder_persistent_request"] == f"v2/git/{quote(url, safe='')}/{commit}"
     assert ready["binder_launch_host"] == f"{stack.public_url}/"
+    # Every phase BinderHub's captured stream has, ours carries its fields too (the built
+    # event its imageName); waiting, fetching, building, built, launching and ready all occur.
+    theirs = binderhub_fields()
+    seen = {data["phase"] for _, data in events}
+    assert {"waiting", "fetching", "building", "built", "launching", "ready"} <= seen
+    for _, data in events:
+        assert theirs.get(data["phase"], set()) <= set(data), data

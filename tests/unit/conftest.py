@@ -22,7 +22,7 @@ PG_SERVER_URL = os.environ.get(
     "HUBLAUNCH_UNIT_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 # Every table the migrations make except alembic_version, emptied between tests.
-TABLES = ("launch_events", "launches", "builds")
+TABLES = ("launch_events", "launches", "builds", "hub_health")
 
 
 class Clock:

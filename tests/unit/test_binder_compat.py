@@ -19,16 +19,28 @@ FIXTURE = (
 COMMIT = "1479e0252b2e648bb755ee913292b79495931717"
 
 
-def binderhub_ready() -> dict[str, Any]:
+def binderhub_events() -> list[dict[str, Any]]:
     if not FIXTURE.is_file():
         pytest.fail(f"{FIXTURE} is missing: run `make install` (npm install)", pytrace=False)
-    events = [
+    return [
         json.loads(line[5:])
         for line in FIXTURE.read_text().splitlines()
         if line.startswith("data:")
     ]
-    [ready] = [e for e in events if e.get("phase") == "ready"]
+
+
+def binderhub_ready() -> dict[str, Any]:
+    [ready] = [e for e in binderhub_events() if e.get("phase") == "ready"]
     return ready
+
+
+def binderhub_fields() -> dict[str, set[str]]:
+    """The fields BinderHub's events carry, by phase (the ready event's: binderhub_ready)."""
+    fields: dict[str, set[str]] = {}
+    for event in binderhub_events():
+        if "phase" in event:
+            fields.setdefault(event["phase"], set()).update(event)
+    return fields
 
 
 def test_a_repository_launch_says_what_binderhub_says() -> None:

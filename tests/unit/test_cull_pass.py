@@ -658,7 +658,10 @@ def test_a_pass_that_cannot_list_the_hub_says_so(
 ) -> None:
     hub.listing_down = True
     cull_pass(ctx)
-    assert "cull: cannot list Hub users: Hub unreachable: ConnectError" in caplog.messages
+    assert (
+        "cull: cannot list the users of Hub default: Hub unreachable: ConnectError"
+        in caplog.messages
+    )
 
 
 # -- idle: which activity counts -----------------------------------------------------------
@@ -822,3 +825,73 @@ def test_names_are_claimed_in_chunks_of_the_chunk_size() -> None:
 
     sizes = [len(chunk) for chunk in _chunks(str(n) for n in range(2 * CHUNK + 1))]
     assert sizes == [CHUNK, CHUNK, 1]
+
+
+# -- several Hubs (issue 14) ------------------------------------------------------------
+
+
+def on_hub(ctx: WorkerContext, launch_id: str, name: str) -> str:
+    with session_scope(ctx.settings.database_url) as db:
+        launch = db.get(Launch, launch_id)
+        assert launch is not None
+        launch.hub = name
+    return launch_id
+
+
+@pytest.fixture
+def two_hubs(ctx: WorkerContext, hub: ListingHub) -> dict[str, ListingHub]:
+    other = ListingHub(name="b")
+    hub.name = "a"
+    ctx.hubs = {"a": hub, "b": other}  # type: ignore[dict-item]
+    return {"a": hub, "b": other}
+
+
+def test_a_pass_covers_every_hub_and_acts_on_each_users_own_hub(
+    ctx: WorkerContext, two_hubs: dict[str, ListingHub]
+) -> None:
+    a, b = two_hubs["a"], two_hubs["b"]
+    now = ctx.clock()
+    idle_on_b = on_hub(ctx, put_ready(ctx, b, "hl-idle-b", active_ago=3600), "b")
+    busy_on_a = on_hub(ctx, put_ready(ctx, a, "hl-busy-a"), "a")
+    b.add_user("hl-orphan-b", created=now - timedelta(hours=2))
+    # A user named like a live launch of hub "a", but on hub "b": left behind on "b" when its
+    # launch was placed again; an orphan there, and the launch on "a" is untouched.
+    a.add_user("hl-moved", created=now - timedelta(hours=2), server="ready", activity=now)
+    b.add_user("hl-moved", created=now - timedelta(hours=2))
+    put(
+        ctx,
+        Status.ready,
+        hub_user="hl-moved",
+        hub="a",
+        ready_at=now,
+        expires_at=now + timedelta(hours=1),
+    )
+
+    actions = cull_pass(ctx)
+
+    assert by_launch(actions)[idle_on_b] == ("idle", "ended")
+    assert ("delete_user", "hl-idle-b") in b.calls and ("delete_user", "hl-idle-b") not in a.calls
+    orphans = {a_.user for a_ in actions if a_.category == "orphan"}
+    assert orphans == {"hl-orphan-b", "hl-moved"}
+    assert "hl-moved" in a.users and "hl-moved" not in b.users
+    assert row(ctx, busy_on_a).status == Status.ready
+
+
+def test_a_hub_that_cannot_be_listed_keeps_its_sessions_and_the_rest_go_on(
+    ctx: WorkerContext, two_hubs: dict[str, ListingHub]
+) -> None:
+    b = two_hubs["b"]
+    on_b = on_hub(ctx, put_ready(ctx, b, "hl-on-b"), "b")
+    b.users.clear()  # as if gone, but b cannot be asked: not taken for a ghost
+    b.listing_down = True
+    gone_on_a = put(
+        ctx,
+        Status.ready,
+        hub_user="hl-gone-a",
+        hub="a",
+        ready_at=ctx.clock() - timedelta(minutes=5),
+        expires_at=ctx.clock() + timedelta(hours=1),
+    )
+    actions = cull_pass(ctx)
+    assert row(ctx, on_b).status == Status.ready
+    assert by_launch(actions)[gone_on_a] == ("ghost", "marked ended")

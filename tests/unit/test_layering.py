@@ -26,6 +26,9 @@ API_MAY_IMPORT = {
     "worker.metrics",
     "worker.models",
     "worker.notify",
+    # Several Hubs: which there are, and the placement's counts (metrics, URLs, health).
+    "worker.hubs",
+    "worker.placement",
     # Which warm pools the settings ask for (metrics and the admin API show them).
     "worker.pool_config",
     "worker.queries",

@@ -1,0 +1,172 @@
+"""Several Hubs behind one intake (issue 14), for real: three JupyterHubs, each with its own
+proxy, on this machine (fake spawner), one app, one worker, one beat. Launches spread by free
+capacity; a Hub killed mid-run gets no new launch and every launch placed after the kill is
+ready on another Hub; its sessions are reported gone when it comes back without them; it is
+used again; cleanup goes on over the Hubs that answer while one is down."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from hublaunch.stack import Stack
+from tests.integration.conftest import run_cull, start_stack, wait_for
+from tests.integration.test_faults import launch
+from worker.db import session_scope
+from worker.hub_client import HubClient
+from worker.models import HubHealth, Launch, Status
+
+pytestmark = pytest.mark.integration
+
+CAPACITY = 6
+
+
+@pytest.fixture(scope="module")
+def hubs_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+) -> Iterator[Stack]:
+    stack = start_stack(
+        tmp_path_factory,
+        "hubs",
+        make_database("hubs"),
+        redis_url,
+        spawner="fake",
+        beat=True,
+        extra_hubs=2,
+        hub_capacity=CAPACITY,
+        env={
+            "HUBLAUNCH_HUB_HEALTH_INTERVAL": "1",
+            "HUBLAUNCH_FAKE_START_DELAY": "0.2",
+            "HUBLAUNCH_MAX_ACTIVE": "1000",
+            "HUBLAUNCH_CLIENT_RATE": "0",
+        },
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def placed(stack: Stack, ids: list[str]) -> dict[str, Launch]:
+    with session_scope(stack.config.database_url) as db:
+        found = {r.id: r for r in db.scalars(select(Launch).where(Launch.id.in_(ids)))}
+        for row in found.values():
+            db.expunge(row)
+        return found
+
+
+def ready_all(stack: Stack, ids: list[str], timeout: float = 60) -> dict[str, Launch]:
+    def done() -> dict[str, Launch] | None:
+        rows = placed(stack, ids)
+        statuses = {r.status for r in rows.values()}
+        assert Status.failed not in statuses, [r.error for r in rows.values()]
+        return rows if statuses == {Status.ready} else None
+
+    result: dict[str, Launch] = wait_for(done, timeout, f"{len(ids)} launches ready")
+    return result
+
+
+def public_urls(stack: Stack) -> dict[str, str]:
+    return {"hub-1": stack.public_url, **{n: e.public_url for n, e in stack.extra.items()}}
+
+
+def end_all(client: httpx.Client, ids: list[str]) -> None:
+    for launch_id in ids:
+        client.delete(f"/api/launches/{launch_id}")
+
+
+def healthy(stack: Stack, name: str) -> bool | None:
+    with session_scope(stack.config.database_url) as db:
+        row = db.get(HubHealth, name)
+        return None if row is None else row.healthy
+
+
+def test_launches_spread_over_the_hubs_by_free_capacity(hubs_stack: Stack) -> None:
+    stack = hubs_stack
+    with httpx.Client(base_url=stack.app_url, timeout=30) as client:
+        ids = [launch(client) for _ in range(6)]
+        rows = ready_all(stack, ids)
+        assert Counter(row.hub for row in rows.values()) == {"hub-1": 2, "hub-2": 2, "hub-3": 2}
+        urls = public_urls(stack)
+        for launch_id, row in rows.items():
+            view = client.get(f"/api/launches/{launch_id}").json()
+            # Each session is served by its own Hub's proxy, with its token.
+            assert view["url"].startswith(f"{urls[str(row.hub)]}/user/{row.hub_user}/")
+            assert httpx.get(view["url"], timeout=10).status_code == 200
+        end_all(client, ids)
+
+
+def test_a_hub_that_dies_gets_no_new_launch_and_none_is_lost(hubs_stack: Stack) -> None:
+    stack = hubs_stack
+    with httpx.Client(base_url=stack.app_url, timeout=30) as client:
+        before = [launch(client) for _ in range(3)]
+        on_hub = ready_all(stack, before)
+        victims = [i for i, row in on_hub.items() if row.hub == "hub-2"]
+        assert victims
+        stack.kill("hub-2")
+        killed_at = time.monotonic()
+        # At once, before any health check noticed: a launch placed on the dead Hub finds it
+        # gone before its user exists and is placed again elsewhere.
+        after = [launch(client) for _ in range(6)]
+        rows = ready_all(stack, after)
+        assert all(row.hub in ("hub-1", "hub-3") for row in rows.values()), rows
+        wait_for(lambda: healthy(stack, "hub-2") is False, 15, "hub-2 seen as down")
+        print(f"hub-2 marked down {time.monotonic() - killed_at:.1f} s after the kill")
+
+        # A cleanup pass with hub-2 down: the others are covered; hub-2's sessions are not
+        # taken for lost (their Hub cannot be asked).
+        run_cull(stack)
+        assert {r.status for r in placed(stack, victims).values()} == {Status.ready}
+
+        # hub-2 comes back without its servers (they died with it): its sessions are reported
+        # gone by the next pass, and it takes launches again.
+        stack.start_child("hub-2")
+        wait_for(lambda: healthy(stack, "hub-2") is True, 15, "hub-2 seen as up again")
+        run_cull(stack)
+        gone = placed(stack, victims)
+        assert {(r.status, r.end_reason) for r in gone.values()} == {(Status.ended, "gone")}
+        again = [launch(client) for _ in range(3)]
+        back = ready_all(stack, again)
+        assert "hub-2" in {row.hub for row in back.values()}
+        end_all(client, before + after + again)
+
+
+def test_per_hub_metrics_and_health(hubs_stack: Stack) -> None:
+    stack = hubs_stack
+    health = httpx.get(f"{stack.app_url}/api/health", timeout=10).json()
+    assert {f"hub:{name}" for name in public_urls(stack)} <= set(health["checks"])
+    token = stack.config.env["HUBLAUNCH_ADMIN_TOKEN"]
+    metrics = httpx.get(
+        f"{stack.app_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).text
+    counted = [line for line in metrics.splitlines() if line.startswith("hublaunch_hub_requests")]
+    for name in public_urls(stack):
+        # Each Hub's requests are counted under its own name (its health checks at least).
+        assert any(f'hub="{name}"' in line for line in counted), name
+
+
+def test_each_hub_holds_only_its_own_users(hubs_stack: Stack) -> None:
+    """No user is made on two Hubs: each Hub's prefixed users are the launches placed on it."""
+    stack = hubs_stack
+    with httpx.Client(base_url=stack.app_url, timeout=30) as client:
+        ids = [launch(client) for _ in range(3)]
+        rows = ready_all(stack, ids)
+        tokens = {"hub-1": stack.hub_token, **{n: e.token for n, e in stack.extra.items()}}
+        apis = {"hub-1": stack.hub_api_url, **{n: e.api_url for n, e in stack.extra.items()}}
+        for name, api in apis.items():
+            hub = HubClient(api, tokens[name])
+            try:
+                users = {u.name for u in hub.iter_users() if u.name.startswith("hl-")}
+            finally:
+                hub.close()
+            mine = {r.hub_user for r in rows.values() if r.hub == name}
+            theirs = {r.hub_user for r in rows.values() if r.hub != name}
+            assert mine <= users and not theirs & users, name
+        end_all(client, ids)

@@ -119,7 +119,10 @@ class HublaunchCollector(Collector):
             pooled = queries.pool_counts(db)
             configured = hubs(self.settings)
             per_hub = placement.active_per_hub(db, configured[0].name)
-            health = {row.name: row for row in db.scalars(select(HubHealth))}
+            health = {
+                name: healthy
+                for name, healthy in db.execute(select(HubHealth.name, HubHealth.healthy))
+            }
             expired = db.scalar(
                 select(func.count()).where(
                     active,
@@ -209,7 +212,7 @@ def _histogram(family: metrics.Family, fields: dict[str, float]) -> Metric:
 
 
 def _hub_gauges(
-    configured: tuple[Hub, ...], active: dict[str, int], health: dict[str, HubHealth]
+    configured: tuple[Hub, ...], active: dict[str, int], health: dict[str, bool]
 ) -> Iterator[Metric]:
     """Per Hub: its active sessions, its capacity (0: none of its own), and whether its last
     check passed (1 until a check says otherwise: one Hub is not checked)."""
@@ -227,8 +230,7 @@ def _hub_gauges(
     for hub in configured:
         sessions.add_metric([hub.name], active.get(hub.name, 0))
         capacity.add_metric([hub.name], hub.capacity)
-        row = health.get(hub.name)
-        up.add_metric([hub.name], 0.0 if row is not None and not row.healthy else 1.0)
+        up.add_metric([hub.name], 1.0 if health.get(hub.name, True) else 0.0)
     yield sessions
     yield capacity
     yield up

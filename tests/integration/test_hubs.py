@@ -143,13 +143,28 @@ def test_per_hub_metrics_and_health(hubs_stack: Stack) -> None:
     health = httpx.get(f"{stack.app_url}/api/health", timeout=10).json()
     assert {f"hub:{name}" for name in public_urls(stack)} <= set(health["checks"])
     token = stack.config.env["HUBLAUNCH_ADMIN_TOKEN"]
-    metrics = httpx.get(
-        f"{stack.app_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    ).text
-    counted = [line for line in metrics.splitlines() if line.startswith("hublaunch_hub_requests")]
+
+    def scrape() -> str:
+        response = httpx.get(
+            f"{stack.app_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        return response.text
+
+    # Each Hub's requests are counted under its own name (its health checks at least; the
+    # worker adds its counts to Redis every few seconds).
+    checked = [f'family="GET /user",hub="{name}"' for name in public_urls(stack)]
+
+    def counted() -> str | None:
+        text = scrape()
+        return text if all(c in text for c in checked) else None
+
+    metrics: str = wait_for(counted, 30, "every Hub's health checks counted")
     for name in public_urls(stack):
-        # Each Hub's requests are counted under its own name (its health checks at least).
-        assert any(f'hub="{name}"' in line for line in counted), name
+        # Its gauges say it is up, its capacity and what it holds.
+        assert f'hublaunch_hub_up{{hub="{name}"}} 1.0' in metrics, name
+        assert f'hublaunch_hub_capacity{{hub="{name}"}} {float(CAPACITY)}' in metrics, name
+        assert f'hublaunch_hub_sessions{{hub="{name}"}}' in metrics, name
 
 
 def test_each_hub_holds_only_its_own_users(hubs_stack: Stack) -> None:

@@ -124,7 +124,10 @@ def test_counts_from_every_process_match_the_database(
     assert moved("hublaunch_cleanup_passes_total") >= 1  # beat may have run one too
     assert moved("hublaunch_cleanup_actions_total", category="expired", result="ended") == 1
     assert moved("hublaunch_launch_ready_seconds_count", provider="image") == 2
-    assert moved("hublaunch_hub_requests_total", family="POST /users/:name", code="201") >= 3
+    assert (
+        moved("hublaunch_hub_requests_total", hub="default", family="POST /users/:name", code="201")
+        >= 3
+    )
 
     # The same launches, as the database has them.
     ids = [ready[0][0], ready[1][0], refused[0]]

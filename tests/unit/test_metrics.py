@@ -3,6 +3,7 @@ what /metrics makes of it, with an in-memory Redis and the unit databases."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
@@ -16,7 +17,7 @@ from pydantic import SecretStr
 from api.main import create_app
 from tests.fakes import FakeHub, RecordingBroker, insert_launch
 from tests.unit.conftest import Clock
-from worker import metrics, transitions
+from worker import hub_health, metrics, transitions
 from worker.context import WorkerContext
 from worker.db import session_scope
 from worker.hub_client import endpoint_family
@@ -296,3 +297,34 @@ def test_metrics_needs_the_admin_token_once_one_is_set(
         assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = client.get("/metrics", headers={"Authorization": "Bearer s3cret-admin"})
         assert ok.status_code == 200 and "hublaunch_launches" in ok.text
+
+
+def test_each_hub_has_its_sessions_capacity_and_health(
+    settings: Settings, store: fakeredis.FakeRedis, clock: Clock
+) -> None:
+    """Several Hubs (issue 14): the gauges per Hub, from the database at scrape time."""
+    entries = [
+        {
+            "name": name,
+            "api_url": f"http://{name}/hub/api",
+            "public_url": f"http://{name}",
+            "capacity": capacity,
+        }
+        for name, capacity in (("a", 5), ("b", 0))
+    ]
+    several = settings.model_copy(update={"hubs": json.dumps(entries)})
+    with session_scope(several.database_url) as db:
+        for hub in ("a", "a", None):  # None: placed before there were names, the first Hub's
+            launch = insert_launch(db, {"image": "x"}, lifetime=60, now=clock())
+            launch.status, launch.hub = Status.ready, hub
+        hub_health.record(db, "b", ok=False, error="refused", now=clock())
+    app = create_app(several, broker=RecordingBroker(several.database_url))
+    [collector] = list(app.state.metrics._collector_to_names)
+    collector.client = store
+    with TestClient(app) as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    seen = families(response.text)
+    assert seen["hublaunch_hub_sessions"] == {(("hub", "a"),): 3.0, (("hub", "b"),): 0.0}
+    assert seen["hublaunch_hub_capacity"] == {(("hub", "a"),): 5.0, (("hub", "b"),): 0.0}
+    assert seen["hublaunch_hub_up"] == {(("hub", "a"),): 1.0, (("hub", "b"),): 0.0}

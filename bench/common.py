@@ -76,6 +76,7 @@ class Run:
         beat: bool = True,
         env: dict[str, str] | None = None,
         label: str = "",
+        extra_hubs: int = 0,
     ) -> Stack:
         """A stack (not yet started) in ``tmp/name`` on its own queue, forgotten after the run."""
         queue = f"bench-{secrets.token_hex(6)}"
@@ -88,6 +89,7 @@ class Run:
                 spawner=spawner,
                 queue=queue,
                 beat=beat,
+                extra_hubs=extra_hubs,
                 # Benchmarks measure the machinery, not the fair limits: no rate limit and
                 # no cap on sessions unless a benchmark sets its own.
                 env={"HUBLAUNCH_CLIENT_RATE": "0", "HUBLAUNCH_MAX_ACTIVE": "100000", **(env or {})},

@@ -135,9 +135,10 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
     # More Hubs beside the first (issue 14): each its own JupyterHub and proxy, children
     # "hub-2", "hub-3", ...; HUBLAUNCH_HUBS then names them all. Each gets its own spawner
-    # (``extra_spawner``) and session uid range, so no two Hubs' sessions share a uid.
+    # (``extra_spawners``, in order; "fake" where none is given) and session uid range, so no
+    # two Hubs' sessions share a uid.
     extra_hubs: int = 0
-    extra_spawner: str = "fake"
+    extra_spawners: tuple[str, ...] = ()
     hub_capacity: int = 0
 
 
@@ -223,7 +224,7 @@ class Stack:
                 "HUBLAUNCH_HUB_API_TOKEN": extra.token,
                 "CONFIGPROXY_AUTH_TOKEN": extra.proxy_token,
                 "HUBLAUNCH_HUB_DATA_DIR": str(extra.data_dir),
-                "HUBLAUNCH_HUB_SPAWNER": self.config.extra_spawner,
+                "HUBLAUNCH_HUB_SPAWNER": (self.config.extra_spawners[number - 2 :] or ("fake",))[0],
                 "HUBLAUNCH_HUB_PORT": str(extra.hub_port),
                 "HUBLAUNCH_PROXY_PORT": str(extra.public_port),
                 "HUBLAUNCH_PROXY_API_PORT": str(extra.proxy_api_port),

@@ -197,7 +197,8 @@ def _place_again(ctx: WorkerContext, launch_id: str, hub: str, e: HubUnavailable
     """With other Hubs configured: record ``hub`` as failing and put the launch back in line
     with no Hub (and a fresh user name: the old one may exist on ``hub``, whose cleanup removes
     it as an orphan). True when it was put back."""
-    if len(ctx.all_hubs()) < 2:
+    # A busy Hub (429) is not a dead one: its launches wait for it as with one Hub.
+    if len(ctx.all_hubs()) < 2 or e.status not in (None, 502, 503, 504):
         return False
     with ctx.units.begin() as uow:
         hub_health.record(uow.db, hub, ok=False, error=e.message, now=ctx.clock())

@@ -14,6 +14,7 @@ from tests.unit.conftest import Clock
 from worker import hub_health, placement, transitions
 from worker.context import WorkerContext, build_context
 from worker.db import session_scope
+from worker.hub_client import HubUnavailable
 from worker.hubs import DEFAULT, Hub, hubs
 from worker.models import Launch, Status
 from worker.outcome import DONE
@@ -205,3 +206,28 @@ def test_one_hub_fails_a_launch_waits_for_it_as_before(ctx: WorkerContext, hub: 
     assert outcome.retry_in is not None and outcome.retry_in > 0
     assert row(ctx, launch_id).status == Status.launching
     assert advance(ctx, launch_id) == DONE
+
+
+def test_a_busy_hub_is_waited_for_not_left(ctx: WorkerContext, fleet: dict[str, FakeHub]) -> None:
+    """The Hub's 429 (its spawn limit) says busy, not dead: the launch stays on it and waits,
+    and no failure is recorded against it."""
+    answers = iter([HubUnavailable("Hub answered 429", status=429, retry_after=1.0)])
+
+    def busy_once(what: str, name: str) -> None:
+        if what == "create_user":
+            error = next(answers, None)
+            if error is not None:
+                raise error
+
+    fleet["a"].on_call = busy_once
+    launch_id = new(ctx)
+    outcome = advance(ctx, launch_id)
+    assert outcome.retry_in is not None and outcome.retry_in > 0
+    launch = row(ctx, launch_id)
+    assert (launch.status, launch.hub) == (Status.launching, "a")
+    with session_scope(ctx.settings.database_url) as db:
+        from worker.models import HubHealth
+
+        assert db.get(HubHealth, "a") is None
+    assert advance(ctx, launch_id) == DONE
+    assert row(ctx, launch_id).hub == "a"

@@ -74,7 +74,8 @@ def test_the_table() -> None:
     assert {
         Status.queued: {Status.building, Status.launching, Status.failed, Status.ended},
         Status.building: {Status.launching, Status.failed, Status.ended},
-        Status.launching: {Status.ready, Status.pooled, Status.failed, Status.ended},
+        # Back in line: its Hub failed before its user existed (several Hubs, issue 14).
+        Status.launching: {Status.ready, Status.pooled, Status.failed, Status.ended, Status.queued},
         Status.pooled: {Status.ended},
         Status.ready: {Status.ended},
         Status.failed: set(),
@@ -87,7 +88,7 @@ def test_the_table() -> None:
         Status.building,
         Status.launching,
     }
-    assert transitions.sources(Status.queued) == ()
+    assert transitions.sources(Status.queued) == (Status.launching,)  # unplace only
 
 
 @pytest.mark.parametrize("source", [Status.launching, Status.ready, Status.failed, Status.ended])

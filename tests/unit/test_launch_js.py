@@ -15,21 +15,26 @@ EVENT = {"url": "https://hub.example/user/hl-a/", "token": "0123456789abcdef0123
 ROOT = f"{EVENT['url']}?token={EVENT['token']}"
 
 
-def server_urls(cases: list[tuple[str, str]]) -> list[str]:
+def in_node(cases: list[tuple[str, str]], call: str) -> list[str]:
+    """``call`` (JavaScript, of ``a`` and ``b``) for each case, run by Node.js on the page's
+    script as a browser loads it."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("Node.js is needed (make install puts configurable-http-proxy there)")
     program = (
         f"globalThis.window = {{}}; require({json.dumps(str(SCRIPT))});"
         f"const cases = {json.dumps(cases)}, event = {json.dumps(EVENT)};"
-        "const urls = cases.map(([u, l]) => window.HubLaunch.serverUrl(event, u, l));"
-        "console.log(JSON.stringify(urls));"
+        f"console.log(JSON.stringify(cases.map(([a, b]) => {call})));"
     )
     result = subprocess.run(
         [node, "-e", program], capture_output=True, text=True, timeout=30, check=True
     )
-    urls: list[str] = json.loads(result.stdout)
-    return urls
+    found: list[str] = json.loads(result.stdout)
+    return found
+
+
+def server_urls(cases: list[tuple[str, str]]) -> list[str]:
+    return in_node(cases, "window.HubLaunch.serverUrl(event, a, b)")
 
 
 HOSTILE = [
@@ -74,20 +79,7 @@ def test_paths_inside_the_server_are_kept_and_the_token_appended() -> None:
 
 
 def provider_specs(cases: list[tuple[str, str]]) -> list[str]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("Node.js is needed (make install puts configurable-http-proxy there)")
-    program = (
-        f"globalThis.window = {{}}; require({json.dumps(str(SCRIPT))});"
-        f"const cases = {json.dumps(cases)};"
-        "console.log(JSON.stringify(cases.map(([r, f]) => "
-        "window.HubLaunch.providerSpec('repo', r, f, ''))));"
-    )
-    result = subprocess.run(
-        [node, "-e", program], capture_output=True, text=True, timeout=30, check=True
-    )
-    specs: list[str] = json.loads(result.stdout)
-    return specs
+    return in_node(cases, "window.HubLaunch.providerSpec('repo', a, b, '')")
 
 
 def test_the_forms_links_are_the_ones_the_service_reads() -> None:

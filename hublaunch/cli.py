@@ -68,7 +68,7 @@ def _worker(args: argparse.Namespace) -> int:
         "--concurrency",
         str(args.concurrency),
         "--queues",
-        args.queues or f"{settings.queue},{settings.build_queue}",
+        args.queues or ",".join(_default_queues(settings)),
         "--loglevel",
         settings.log_level,
         "--without-gossip",
@@ -76,6 +76,17 @@ def _worker(args: argparse.Namespace) -> int:
     ]
     app.worker_main(argv=argv)
     return 0
+
+
+def _default_queues(settings: Settings) -> list[str]:
+    """Everything, as one machine serves it: launches, builds, and with per-Hub builds every
+    Hub's build queue (on several machines, each passes --queues for its own)."""
+    from worker.hubs import build_queue, hubs, per_hub_builds
+
+    queues = [settings.queue, settings.build_queue]
+    if per_hub_builds(settings):
+        queues += [build_queue(settings, hub.name) for hub in hubs(settings)]
+    return queues
 
 
 def _beat(_args: argparse.Namespace) -> int:

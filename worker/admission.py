@@ -252,6 +252,14 @@ def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
         # Several Hubs (worker/placement.py): only the room of the Hubs that answer counts.
         configured = hubs(ctx.settings)
         up = placement.healthy(uow.db, configured, now, ctx.settings.hub_health_interval)
+        if launch.hub is not None:
+            # Built for one Hub (per-Hub builds): it runs there, or is built again elsewhere
+            # when that Hub is down.
+            if launch.hub not in {hub.name for hub in up}:
+                why = f"{launch.hub} is down"
+                transitions.unpin(uow, launch, why=why, now=now)
+                return Outcome(retry_in=0)
+            up = [hub for hub in up if hub.name == launch.hub]
         per_hub = placement.active_per_hub(uow.db, configured[0].name)
         room = placement.room(up, per_hub)
         if room != math.inf:

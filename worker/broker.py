@@ -42,6 +42,8 @@ class Message:
     task: str
     argument: str
     countdown: float | None = None
+    # The queue it goes to when not the task's usual one (a Hub's own build queue).
+    queue: str | None = None
 
 
 def launch_message(launch_id: str) -> Message:
@@ -52,8 +54,8 @@ def teardown_message(launch_id: str, *, countdown: float | None = None) -> Messa
     return Message(TEARDOWN_TASK, launch_id, countdown)
 
 
-def build_message(name: str) -> Message:
-    return Message(BUILD_TASK, name)
+def build_message(name: str, *, queue: str | None = None) -> Message:
+    return Message(BUILD_TASK, name, queue=queue)
 
 
 def pool_message() -> Message:
@@ -106,7 +108,8 @@ class CeleryBroker:
                         retry=False,
                         # Builds have their own queue: a launch of a built spec never waits
                         # behind a build.
-                        queue=self._settings.build_queue if message.task == BUILD_TASK else None,
+                        queue=message.queue
+                        or (self._settings.build_queue if message.task == BUILD_TASK else None),
                         producer=producer,
                     )
         except (OperationalError, ConnectionError, OSError) as e:
@@ -145,7 +148,7 @@ class RedisBroker:
         now = datetime.now(UTC)
         for message in messages:
             # Builds have their own queue: a launch of a built spec never waits behind a build.
-            queue = (
+            queue = message.queue or (
                 self._settings.build_queue if message.task == BUILD_TASK else self._settings.queue
             )
             pipe.lpush(queue, self._envelope(message, queue, now))

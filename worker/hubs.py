@@ -61,6 +61,18 @@ def hub_of(settings: Settings, name: str | None) -> Hub:
     return next((hub for hub in found if hub.name == name), found[0])
 
 
+def per_hub_builds(settings: Settings) -> bool:
+    """Local environments (the venv builder) with several Hubs: an environment is used by the
+    spawner on its own machine, so each Hub's machine builds the environments of the launches
+    placed on it, from a build queue of its own (images in a registry serve every Hub)."""
+    return settings.builder == "venv" and len(hubs(settings)) > 1
+
+
+def build_queue(settings: Settings, hub: str) -> str:
+    """The queue of the builds for ``hub`` (served by a worker on that Hub's machine)."""
+    return f"{settings.build_queue}.{hub}"
+
+
 @functools.cache
 def _parse(text: str, api_url: str, token: str, public_url: str) -> tuple[Hub, ...]:
     if not text.strip():

@@ -16,12 +16,12 @@ from datetime import timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from worker import admission, builds, hub_health, pool, transitions
+from worker import admission, builds, hub_health, placement, pool, transitions
 from worker.broker import QueueUnavailable, build_message
 from worker.builders import environment_name
 from worker.context import WorkerContext
 from worker.hub_client import HubError, HubRequestError, HubSpawnFailed, HubUnavailable
-from worker.hubs import hub_of
+from worker.hubs import build_queue, hub_of, hubs, per_hub_builds
 from worker.logs import bind_user
 from worker.models import Build, Phase, Status
 from worker.outcome import DONE, Outcome, backoff, handoff
@@ -205,7 +205,13 @@ def _place_again(ctx: WorkerContext, launch_id: str, hub: str, e: HubUnavailable
         launch = get_launch(uow.db, launch_id)
         if launch is None or launch.status != Status.launching or launch.hub != hub:
             return False
-        transitions.unplace(uow, launch, why=f"{hub} did not answer", now=ctx.clock())
+        transitions.unplace(
+            uow,
+            launch,
+            why=f"{hub} did not answer",
+            now=ctx.clock(),
+            rebuild="repo" in launch.spec and per_hub_builds(ctx.settings),
+        )
     log.warning("launch %s: Hub %s unavailable (%s); placing it again", launch_id, hub, e)
     return True
 
@@ -275,9 +281,11 @@ def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
         spec = RepoSpec(launch.spec["repo"], launch.spec.get("ref", "HEAD"))
     if commit is None:
         commit = ctx.resolve(spec, ctx.settings)
-        resolved = environment_name(spec.url, commit, builder.version)
+        # Per-Hub builds: the Hub is chosen now, and the environment is built on its machine.
+        hub = _build_hub(ctx) if per_hub_builds(ctx.settings) else None
+        resolved = environment_name(spec.url, commit, builder.version, hub=hub)
         with ctx.units.begin() as uow:
-            transitions.record_commit(uow, launch_id, commit, resolved, ctx.clock())
+            transitions.record_commit(uow, launch_id, commit, resolved, ctx.clock(), hub=hub)
     with ctx.units.begin() as uow:
         launch = get_launch(uow.db, launch_id)
         if launch is None:
@@ -291,7 +299,8 @@ def _environment(ctx: WorkerContext, launch_id: str) -> str | Outcome:
         if decision == builds.Decision.failed:
             refusal = builds.failure_message(uow.db.get(Build, name))
         if decision == builds.Decision.start:
-            uow.send(build_message(name))
+            queue = build_queue(ctx.settings, launch.hub) if launch.hub else None
+            uow.send(build_message(name, queue=queue))
         uow.notify(launch_id)
     if decision == builds.Decision.failed:
         raise BuildRefused(refusal)
@@ -308,6 +317,16 @@ def _built_only(ctx: WorkerContext, launch_id: str, image: str) -> Outcome:
         if launch is not None and not launch.is_terminal:
             transitions.mark_built_only(uow, launch, image, now=ctx.clock())
     return DONE
+
+
+def _build_hub(ctx: WorkerContext) -> str:
+    """The Hub a repository launch is built for, with per-Hub builds: the one placement would
+    choose now (its slot is taken later, by the admission, on this same Hub)."""
+    configured = hubs(ctx.settings)
+    with ctx.units.begin() as uow:
+        up = placement.healthy(uow.db, configured, ctx.clock(), ctx.settings.hub_health_interval)
+        chosen = placement.choose(up, placement.active_per_hub(uow.db, configured[0].name))
+    return (chosen or (up or list(configured))[0]).name
 
 
 def _progress(ctx: WorkerContext, launch_id: str, message: str) -> None:

@@ -287,14 +287,30 @@ def mark_building(uow: UnitOfWork, launch: Launch, *, deadline: datetime, now: d
 
 
 def record_commit(
-    uow: UnitOfWork, launch_id: str, commit: str, env_name: str, now: datetime
+    uow: UnitOfWork,
+    launch_id: str,
+    commit: str,
+    env_name: str,
+    now: datetime,
+    *,
+    hub: str | None = None,
 ) -> None:
-    """What a repository launch's ref resolved to, kept from the first resolution only."""
+    """What a repository launch's ref resolved to, kept from the first resolution only; with
+    per-Hub builds also the Hub it is built for, and so will run on (worker/hubs.py)."""
+    values: dict[str, object] = {"commit": commit, "env_name": env_name, "updated_at": now}
+    if hub is not None:
+        values["hub"] = hub
     uow.db.execute(
-        bulk_update(Launch)
-        .where(Launch.id == launch_id, Launch.commit.is_(None))
-        .values(commit=commit, env_name=env_name, updated_at=now)
+        bulk_update(Launch).where(Launch.id == launch_id, Launch.commit.is_(None)).values(values)
     )
+
+
+def unpin(uow: UnitOfWork, launch: Launch, *, why: str, now: datetime) -> None:
+    """A launch built for a Hub that is now down, not yet started: its commit, environment and
+    Hub forgotten, so the next run resolves and builds it for a Hub that answers."""
+    launch.commit = launch.env_name = launch.hub = None
+    launch.updated_at = now
+    note(uow, launch, Phase.building, f"{why}; building for another Hub", now=now)
 
 
 def mark_launching(
@@ -339,12 +355,18 @@ def mark_launching(
     return launch.hub_user
 
 
-def unplace(uow: UnitOfWork, launch: Launch, *, why: str, now: datetime) -> None:
+def unplace(
+    uow: UnitOfWork, launch: Launch, *, why: str, now: datetime, rebuild: bool = False
+) -> None:
     """A launching launch whose Hub failed before its user was created -> ``queued`` with no
-    Hub and no user name, so the next admission places it on a Hub that answers."""
+    Hub and no user name, so the next admission places it on a Hub that answers. ``rebuild``
+    (per-Hub builds): its environment was built for that Hub's machine, so it is built again
+    for the next."""
     _move(launch, Status.queued, now)
     launch.hub = None
     launch.hub_user = None
+    if rebuild:
+        launch.commit = launch.env_name = None
     note(uow, launch, Phase.waiting, f"{why}; placing it on another Hub", now=now)
 
 

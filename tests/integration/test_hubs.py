@@ -21,11 +21,12 @@ import pytest
 from sqlalchemy import select
 
 from hublaunch.stack import Stack
-from tests.integration.conftest import run_cull, start_stack, wait_for
+from tests.integration.conftest import LOCAL_REPOS, run_cull, start_stack, wait_for
+from tests.integration.gitserver import GitServer
 from tests.integration.test_faults import launch
 from worker.db import as_utc, session_scope
 from worker.hub_client import HubClient
-from worker.models import HubHealth, Launch, Status
+from worker.models import Build, HubHealth, Launch, Status
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,7 @@ def hubs_stack(
             "HUBLAUNCH_FAKE_START_DELAY": "0.2",
             "HUBLAUNCH_MAX_ACTIVE": "1000",
             "HUBLAUNCH_CLIENT_RATE": "0",
+            **LOCAL_REPOS,
         },
     )
     try:
@@ -178,6 +180,27 @@ def test_per_hub_metrics_and_health(hubs_stack: Stack) -> None:
         assert f'hublaunch_hub_up{{hub="{name}"}} 1.0' in metrics, name
         assert f'hublaunch_hub_capacity{{hub="{name}"}} {float(CAPACITY)}' in metrics, name
         assert f'hublaunch_hub_sessions{{hub="{name}"}}' in metrics, name
+
+
+def test_a_repository_is_built_for_the_hub_it_runs_on(
+    hubs_stack: Stack, git_server: GitServer
+) -> None:
+    """Per-Hub builds (the venv builder): the environment is named for, and built from the
+    build queue of, the Hub the launch is placed on; the session runs there."""
+    stack = hubs_stack
+    git_server.commit("per-hub", {"requirements.txt": "# nothing\n"})
+    with httpx.Client(base_url=stack.app_url, timeout=30) as client:
+        response = client.post(
+            "/api/launches", json={"repo": git_server.url("per-hub"), "ref": "main"}
+        )
+        assert response.status_code == 202, response.text
+        launch_id = response.json()["id"]
+        [row] = ready_all(stack, [launch_id], timeout=120).values()
+        assert row.hub and str(row.env_name).endswith(f"-{row.hub}")
+        with session_scope(stack.config.database_url) as db:
+            build = db.get(Build, str(row.env_name))
+            assert build is not None and build.status == "built"
+        end_all(client, [launch_id])
 
 
 def test_every_hubs_proxy_shows_the_session_ended_page(hubs_stack: Stack) -> None:

@@ -9,9 +9,11 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from tests.fakes import FakeHub
+from tests.fakes import FakeHub, RecordingBroker
 from tests.unit.conftest import Clock
-from worker import hub_health, placement, transitions
+from tests.unit.test_builds import COMMIT, FakeBuilder
+from worker import builds, hub_health, placement, transitions
+from worker.broker import BUILD_TASK, Message
 from worker.context import WorkerContext, build_context
 from worker.db import session_scope
 from worker.hub_client import HubUnavailable
@@ -19,6 +21,7 @@ from worker.hubs import DEFAULT, Hub, hubs
 from worker.models import Launch, Status
 from worker.outcome import DONE
 from worker.queries import get_launch
+from worker.repos import RepoSpec
 from worker.settings import Settings
 from worker.starting import advance
 
@@ -231,3 +234,78 @@ def test_a_busy_hub_is_waited_for_not_left(ctx: WorkerContext, fleet: dict[str, 
         assert db.get(HubHealth, "a") is None
     assert advance(ctx, launch_id) == DONE
     assert row(ctx, launch_id).hub == "a"
+
+
+# -- per-Hub builds (the venv builder, several Hubs) --------------------------------------
+
+
+@pytest.fixture
+def built_here(ctx: WorkerContext, fleet: dict[str, FakeHub]) -> FakeBuilder:
+    fake = FakeBuilder()
+    ctx.builder = fake
+    ctx.resolve = lambda spec, settings: COMMIT
+    return fake
+
+
+def repo_launch(ctx: WorkerContext) -> str:
+    with ctx.units.begin() as uow:
+        spec = RepoSpec("https://example.org/a/b", "main").as_dict()
+        return transitions.create(uow, spec, lifetime=600, timeout=600, now=ctx.clock()).id
+
+
+def build_sent(ctx: WorkerContext) -> list[Message]:
+    broker = ctx.units.broker
+    assert isinstance(broker, RecordingBroker)
+    return [m for m in broker.sent if m.task == BUILD_TASK]
+
+
+def test_an_environment_is_built_on_the_machine_of_the_hub_it_runs_on(
+    ctx: WorkerContext, fleet: dict[str, FakeHub], built_here: FakeBuilder
+) -> None:
+    launch_id = repo_launch(ctx)
+    assert advance(ctx, launch_id).retry_in is not None  # building
+    launch = row(ctx, launch_id)
+    assert launch.hub == "a" and str(launch.env_name).endswith("-a")
+    [message] = build_sent(ctx)
+    # To that Hub's build queue: a worker on its machine builds it where its spawner reads it.
+    assert (message.argument, message.queue) == (launch.env_name, f"{ctx.settings.build_queue}.a")
+    builds.run_build(ctx.units, built_here, str(launch.env_name), clock=ctx.clock)
+    assert advance(ctx, launch_id) == DONE
+    launch = row(ctx, launch_id)
+    assert (launch.status, launch.hub) == (Status.ready, "a")
+    assert launch.hub_user in fleet["a"].users
+
+
+def test_a_launch_built_for_a_hub_that_went_down_is_built_for_another(
+    ctx: WorkerContext, fleet: dict[str, FakeHub], built_here: FakeBuilder, clock: Clock
+) -> None:
+    launch_id = repo_launch(ctx)
+    advance(ctx, launch_id)
+    first = str(row(ctx, launch_id).env_name)
+    builds.run_build(ctx.units, built_here, first, clock=ctx.clock)
+    with ctx.units.begin() as uow:
+        hub_health.record(uow.db, "a", ok=False, error="refused", now=clock())
+    # Admission finds its Hub down: built again, for a Hub that answers, and run there.
+    assert advance(ctx, launch_id).retry_in == 0
+    assert advance(ctx, launch_id).retry_in is not None
+    again = row(ctx, launch_id)
+    assert again.hub in ("b", "c") and again.env_name != first
+    assert str(again.env_name).endswith(f"-{again.hub}")
+    builds.run_build(ctx.units, built_here, str(again.env_name), clock=ctx.clock)
+    assert advance(ctx, launch_id) == DONE
+    assert row(ctx, launch_id).status == Status.ready
+    assert not fleet["a"].users
+
+
+def test_with_one_hub_builds_go_to_the_shared_build_queue(
+    ctx: WorkerContext, hub: FakeHub, settings: Settings
+) -> None:
+    fake = FakeBuilder()
+    ctx.builder = fake
+    ctx.resolve = lambda spec, settings: COMMIT
+    launch_id = repo_launch(ctx)
+    advance(ctx, launch_id)
+    launch = row(ctx, launch_id)
+    assert launch.hub is None and not str(launch.env_name).endswith("-default")
+    [message] = build_sent(ctx)
+    assert message.queue is None  # the broker's build queue, as before

@@ -47,14 +47,17 @@ class Builder(Protocol):
         """Sizes of the environments present, by name (empty where not measurable)."""
 
 
-def environment_name(repo: str, commit: str, builder_version: str) -> str:
-    """``<slug>-<repo hash>-<commit>-<builder version>``: lower-case [a-z0-9-], safe as a
-    directory name and as an image repository name."""
+def environment_name(
+    repo: str, commit: str, builder_version: str, *, hub: str | None = None
+) -> str:
+    """``<slug>-<repo hash>-<commit>-<builder version>[-<hub>]``: lower-case [a-z0-9-], safe as
+    a directory name and as an image repository name. ``hub``: built on that Hub's machine,
+    for it alone (per-Hub builds, worker/hubs.py)."""
     path = urlsplit(repo).path.rstrip("/").removesuffix(".git")
     slug = re.sub(r"[^a-z0-9]+", "-", path.rsplit("/", 2)[-1].lower()).strip("-")[:40] or "repo"
     digest = hashlib.sha256(repo.encode()).hexdigest()[:10]
     version = re.sub(r"[^a-z0-9]+", "-", builder_version.lower())
-    return f"{slug}-{digest}-{commit.lower()}-{version}"
+    return f"{slug}-{digest}-{commit.lower()}-{version}" + (f"-{hub}" if hub else "")
 
 
 def make_builder(settings: Settings) -> Builder:

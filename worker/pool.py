@@ -25,12 +25,13 @@ from typing import Any
 
 from sqlalchemy import and_, func, select
 
-from worker import transitions
+from worker import placement, transitions
 from worker.admission import ACTIVE, limits
 from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
 from worker.context import WorkerContext
 from worker.hub_client import HubClient, HubError
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
+from worker.hubs import hubs
 from worker.metrics import observation
 from worker.models import Launch, Status
 from worker.pool_config import Pool, pool_key, pools
@@ -149,24 +150,34 @@ def maintain(ctx: WorkerContext) -> Report:
     now = ctx.clock()
     started: dict[str, int] = {}
     drained: dict[str, int] = {}
+    configured = hubs(ctx.settings)
+    several = len(configured) > 1
     with ctx.units.begin() as uow:
+        # Several Hubs: each Hub that answers keeps its own pool of each size (a pooled server
+        # stays on its Hub); one Hub: one pool, as before (the Hub is not looked at).
+        up = (
+            [h.name for h in placement.healthy(uow.db, configured, now, _interval(ctx))]
+            if several
+            else [None]
+        )
         rows = uow.db.execute(
-            select(Launch.id, Launch.pool_key, Launch.status, Launch.commit).where(
+            select(Launch.id, Launch.pool_key, Launch.status, Launch.commit, Launch.hub).where(
                 Launch.pool_key.is_not(None),
                 Launch.status.in_((*STARTING, Status.pooled)),
                 Launch.end_requested_at.is_(None),
             )
         ).all()
         surplus: list[str] = []
-        kept: dict[str, list[Any]] = {}
+        kept: dict[tuple[str, str | None], list[Any]] = {}
         for row in rows:
             pool = wanted.get(str(row.pool_key))
             stale = row.pool_key in commits and row.commit not in (None, commits[row.pool_key])
             if pool is None or stale:
                 surplus.append(row.id)
             else:
-                kept.setdefault(pool.key, []).append(row)
-        for key, members in kept.items():
+                where = (row.hub or configured[0].name) if several else None
+                kept.setdefault((pool.key, where), []).append(row)
+        for (key, _hub), members in kept.items():
             # Shrunk: the servers still starting go first, then pooled ones.
             extra = len(members) - wanted[key].size
             if extra > 0:
@@ -175,18 +186,25 @@ def maintain(ctx: WorkerContext) -> Report:
         failures = _recent_failures(uow, now)
         room = _room(uow, ctx.settings)
         to_start: list[NewLaunch] = []
+        pins: list[str | None] = []
         for key, pool in wanted.items():
-            have = len(kept.get(key, [])) - sum(1 for r in kept.get(key, []) if r.id in surplus)
-            missing = max(pool.size - have, 0)
-            if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1):
-                if missing:
+            missing = {
+                hub: max(pool.size - sum(r.id not in surplus for r in kept.get((key, hub), [])), 0)
+                for hub in up
+            }
+            if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1) * len(up):
+                if any(missing.values()):
                     log.warning("pool %s: its launches keep failing; not refilled for now", key)
                 continue
-            count = min(missing, max(room, 0))
-            room -= count
-            to_start += [NewLaunch(pool.spec, ctx.settings.session_max_age) for _ in range(count)]
-            if count:
-                started[key] = count
+            for hub in up:
+                count = min(missing[hub], max(room, 0))
+                room -= count
+                to_start += [
+                    NewLaunch(pool.spec, ctx.settings.session_max_age) for _ in range(count)
+                ]
+                pins += [hub] * count
+                if count:
+                    started[key] = started.get(key, 0) + count
         for launch_id in transitions.drain_pool(uow, surplus, now=now):
             uow.send(teardown_message(launch_id))
             key = next(str(r.pool_key) for r in rows if r.id == launch_id)
@@ -199,11 +217,17 @@ def maintain(ctx: WorkerContext) -> Report:
                 now=now,
                 pool_keys=[pool_key(new.spec) for new in to_start],
             )
+            # Each new server goes to the Hub whose pool it fills (the admission keeps it there).
+            transitions.pin(uow, {i: hub for i, hub in zip(ids, pins, strict=True) if hub})
             for launch_id in ids:
                 uow.send(launch_message(launch_id))
     if started or drained:
         log.info("pool: started %s, drained %s", started or "none", drained or "none")
     return Report(started, drained)
+
+
+def _interval(ctx: WorkerContext) -> float:
+    return ctx.settings.hub_health_interval
 
 
 def _current_commit(ctx: WorkerContext, pool: Pool) -> str | None:

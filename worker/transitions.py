@@ -305,12 +305,20 @@ def record_commit(
     )
 
 
+def pin(uow: UnitOfWork, hubs_by_launch: dict[str, str]) -> None:
+    """New launches that must run on a given Hub (a Hub's own warm pool): the admission places
+    each there, or places it anew when that Hub is down."""
+    for launch_id, hub in hubs_by_launch.items():
+        uow.db.execute(bulk_update(Launch).where(Launch.id == launch_id).values(hub=hub))
+
+
 def unpin(uow: UnitOfWork, launch: Launch, *, why: str, now: datetime) -> None:
-    """A launch built for a Hub that is now down, not yet started: its commit, environment and
-    Hub forgotten, so the next run resolves and builds it for a Hub that answers."""
+    """A launch meant for a Hub that is now down, not yet started (built for it, or filling its
+    warm pool): its Hub forgotten, and with it a repository's commit and environment, so the
+    next run resolves and builds it for a Hub that answers."""
     launch.commit = launch.env_name = launch.hub = None
     launch.updated_at = now
-    note(uow, launch, Phase.building, f"{why}; building for another Hub", now=now)
+    note(uow, launch, Phase.waiting, f"{why}; it goes to another Hub", now=now)
 
 
 def mark_launching(

@@ -5,6 +5,7 @@ alone by cleanup while it waits."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from sqlalchemy import select, update
 from tests.fakes import FakeHub, RecordingBroker
 from tests.unit.conftest import Clock
 from tests.unit.test_cull_pass import ListingHub
-from worker import pool, transitions
+from worker import hub_health, pool, transitions
 from worker.broker import LAUNCH_TASK, POOL_TASK, TEARDOWN_TASK
 from worker.context import WorkerContext
 from worker.cull import cull_pass
@@ -287,3 +288,35 @@ def test_a_session_from_a_long_waiting_pooled_server_is_not_culled_as_idle(
     clock.advance(ctx.settings.idle_timeout + 1)
     cull_pass(ctx)
     assert load(ctx, launch_id).end_requested_at is not None
+
+
+# -- several Hubs (issue 14): each Hub that answers keeps its own pool ----------------------
+
+
+def test_each_hub_keeps_its_own_pool_and_a_hit_stays_on_its_hub(
+    ctx: WorkerContext, broker: RecordingBroker, clock: Clock
+) -> None:
+    fleet = {name: FakeHub(name=name) for name in ("a", "b")}
+    entries = [
+        {"name": n, "api_url": f"http://{n}/hub/api", "api_token": "t", "public_url": f"http://{n}"}
+        for n in fleet
+    ]
+    settings = ctx.settings.model_copy(update={"pool": "default=2", "hubs": json.dumps(entries)})
+    ctx = dataclasses.replace(ctx, settings=settings, hub=fleet["a"], hubs=fleet)  # type: ignore[arg-type]
+    waiting = fill(ctx, broker)
+    assert sorted(str(load(ctx, i).hub) for i in waiting) == ["a", "a", "b", "b"]
+    for launch_id in waiting:
+        launch = load(ctx, launch_id)
+        assert launch.hub_user in fleet[str(launch.hub)].users
+    assert pool.maintain(ctx).started == {}  # each Hub's pool is full
+
+    # A hit takes a server where it is: the visitor's launch runs on that server's Hub.
+    launch_id = visitor(ctx)
+    assert advance(ctx, launch_id) == DONE
+    hit = load(ctx, launch_id)
+    assert hit.status == Status.ready and hit.hub_user in fleet[str(hit.hub)].users
+    # The refill goes to the Hub that gave one, and a Hub that is down gets none.
+    with ctx.units.begin() as uow:
+        hub_health.record(uow.db, "b", ok=False, error="refused", now=clock())
+    started = pool.maintain(ctx).started
+    assert started == ({DEFAULT: 1} if hit.hub == "a" else {})

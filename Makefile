@@ -37,15 +37,15 @@ sandbox-tools:
 	  { apt-get update -q && apt-get install -y -q bubblewrap; } || \
 	  echo "note: bubblewrap is not installed; sessions cannot be sandboxed here"; }
 
-install: $(STAMP) $(PROXY) $(CHECKOV) sandbox-tools ## create .venv and install Python, Node and sandbox dependencies
+install: $(STAMP) $(PROXY) sandbox-tools ## create .venv and install Python, Node and sandbox dependencies
 
 dev: install ## run the whole local stack (Hub + proxy + app + worker + beat) on :8000
 	$(BIN)/hublaunch dev --port $${PORT:-8000}
 
-test: install lint ## lint, then every test (unit + integration against real Hub, Redis, PostgreSQL)
+test: install $(CHECKOV) lint ## lint, then every test (unit + integration against real Hub, Redis, PostgreSQL)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test-unit: install ## only the fast unit tests
+test-unit: install $(CHECKOV) ## only the fast unit tests
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
 test-integration: install ## only the integration tests

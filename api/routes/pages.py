@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import select
 
 from api.binder import link_for
-from api.deps import DbDep
+from api.deps import DbDep, SettingsDep
 from api.pages import not_found, page
 from worker.models import Launch, Status
 
@@ -25,8 +25,9 @@ WHY = {
 
 
 @router.get("/", response_class=HTMLResponse)
-def launch_form(request: Request) -> HTMLResponse:
-    return page(request, "index.html")
+def launch_form(request: Request, settings: SettingsDep) -> HTMLResponse:
+    # Where /build needs a build token, the form goes to the launch page, which carries one.
+    return page(request, "index.html", via_launch_page=settings.require_build_token)
 
 
 @router.api_route("/user/{name}/{rest:path}", methods=["GET", "HEAD"], response_class=HTMLResponse)

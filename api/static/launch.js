@@ -100,7 +100,7 @@
         window.location.href = serverUrl(event, urlpath, labpath);
       });
     },
-    form: function (publicUrl) {
+    form: function (publicUrl, viaLaunchPage) {
       var form = $("launch-form");
       form.querySelectorAll("input[name=kind]").forEach(function (radio) {
         radio.addEventListener("change", function () {
@@ -132,6 +132,10 @@
         $("badge").value = "[![launch](" + publicUrl + "/badge.svg)](" + link + ")";
         $("share").hidden = false;
         $("launch").disabled = true;
+        if (viaLaunchPage) {  // /build wants the build token the launch page carries
+          window.location.href = link;
+          return;
+        }
         follow("/build/" + spec, function (event) {
           window.location.href = serverUrl(event, "", path);
         });

@@ -244,3 +244,16 @@ def test_intake_refuses_a_ckan_host_on_a_private_address(
     response = api.post("/api/launches", json={"repo": "ckan:https://127.0.0.1/dataset/x"})
     assert response.status_code == 422 and "not a public address" in response.json()["detail"]
     assert launches(settings) == 0
+
+
+def test_where_tokens_are_required_the_form_goes_through_the_launch_page(
+    signing: Settings,
+) -> None:
+    """The form's own /build request would carry no token: with tokens required it opens the
+    launch page instead (which carries one for its spec)."""
+    required = signing.model_copy(update={"require_build_token": True})
+    for client in client_for(required):
+        assert "HubLaunch.form(" in client.get("/").text
+        assert ", true);</script>" in client.get("/").text
+    for client in client_for(signing):
+        assert ", false);</script>" in client.get("/").text

@@ -51,6 +51,9 @@ SECRET_VARIABLES: dict[str, frozenset[str]] = {
     "HUBLAUNCH_DATABASE_URL": frozenset({"api", "worker"}),
     # The queue (its URL carries Redis's password): the API and beat send, the worker takes.
     "HUBLAUNCH_BROKER_URL": frozenset({"api", "worker", "beat"}),
+    # Every Hub with its service token: only the worker drives the Hubs (the app and beat get
+    # the list without the tokens, below).
+    "HUBLAUNCH_HUBS": frozenset({"worker"}),
     # The key of the tokens at rest: the worker encrypts them, the API decrypts them.
     "HUBLAUNCH_SECRET_KEY": frozenset({"api", "worker"}),
     "HUBLAUNCH_SECRET_KEY_FILE": frozenset({"api", "worker"}),
@@ -268,8 +271,7 @@ class Stack:
             }
         )
         if self.extra:
-            # Each Hub's token reaches only that Hub and the worker (SECRET_VARIABLES' rule).
-            env["HUBLAUNCH_HUBS"] = self.hubs_json(tokens=child == "worker")
+            env["HUBLAUNCH_HUBS"] = self.hubs_json(tokens=True)
         env.update(c.env)
         # The stack knows a child is up from its INFO lines ("ready.", "beat: Starting..."),
         # so its children log at INFO at least; their logs are files, not the console.
@@ -278,6 +280,9 @@ class Stack:
         for name, readers in SECRET_VARIABLES.items():
             if child not in readers:
                 env.pop(name, None)
+        if self.extra and child in ("api", "beat"):
+            # They ask which Hubs there are and whether each answers: no token.
+            env["HUBLAUNCH_HUBS"] = self.hubs_json(tokens=False)
         return env
 
     def settings(self, **overrides: Any) -> Settings:

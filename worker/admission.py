@@ -37,7 +37,7 @@ from worker import placement, transitions
 from worker.context import WorkerContext
 from worker.db import as_utc
 from worker.hubs import hubs
-from worker.models import Launch, LaunchEvent, Phase, Status
+from worker.models import ACTIVE, Launch, LaunchEvent, Phase, Status
 from worker.outcome import DONE, Outcome
 from worker.queries import get_launch
 from worker.settings import Settings
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 # How often a waiting launch asks again (a Celery retry each time).
 POLL_SECONDS = 2.0
-# Statuses that hold, or are about to hold, a Hub server (a pooled one counts: issue 12).
-ACTIVE = (Status.launching, Status.pooled, Status.ready)
 # Statuses a launch can wait in (it has no Hub user yet).
 WAITING = (Status.queued, Status.building)
 # Derivation of the default cap: the sandbox's default session memory (HUBLAUNCH_SESSION_MEMORY,
@@ -251,7 +249,7 @@ def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
         held, total = _held(uow.db, {me.key} | {entry.key for entry in line})
         # Several Hubs (worker/placement.py): only the room of the Hubs that answer counts.
         configured = hubs(ctx.settings)
-        up = placement.healthy(uow.db, configured, now, ctx.settings.hub_health_interval)
+        up = placement.answering(uow.db, ctx.settings, now)
         if launch.hub is not None:
             # Built for one Hub (per-Hub builds): it runs there, or is built again elsewhere
             # when that Hub is down.

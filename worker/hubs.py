@@ -43,7 +43,7 @@ class Hub:
 
 def hubs(settings: Settings) -> tuple[Hub, ...]:
     """The Hubs in order (the first takes launches of a NULL ``hub``: older rows)."""
-    return _parse(
+    return parse(
         settings.hubs,
         settings.hub_api_url,
         settings.hub_api_token.get_secret_value(),
@@ -74,7 +74,7 @@ def build_queue(settings: Settings, hub: str) -> str:
 
 
 @functools.cache
-def _parse(text: str, api_url: str, token: str, public_url: str) -> tuple[Hub, ...]:
+def parse(text: str, api_url: str, token: str, public_url: str) -> tuple[Hub, ...]:
     if not text.strip():
         return (Hub(DEFAULT, api_url.rstrip("/"), token, public_url.rstrip("/")),)
     try:

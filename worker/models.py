@@ -49,6 +49,9 @@ class Status(enum.StrEnum):
 
 
 TERMINAL = frozenset({Status.failed, Status.ended})
+# Statuses that hold, or are about to hold, a Hub server (a pooled one counts: issue 12): what
+# the caps on active sessions and each Hub's capacity count.
+ACTIVE = (Status.launching, Status.pooled, Status.ready)
 
 
 class Phase(enum.StrEnum):

@@ -16,10 +16,10 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from worker.db import as_utc
-from worker.hubs import Hub
-from worker.models import HubHealth, Launch, Status
+from worker.hubs import Hub, hubs
+from worker.models import ACTIVE, HubHealth, Launch
+from worker.settings import Settings
 
-ACTIVE = (Status.launching, Status.pooled, Status.ready)
 STALE_AFTER = 3
 
 
@@ -58,6 +58,11 @@ def active_per_hub(db: Session, first: str) -> dict[str, int]:
         key = name or first
         counts[key] = counts.get(key, 0) + count
     return counts
+
+
+def answering(db: Session, settings: Settings, now: datetime) -> list[Hub]:
+    """The configured Hubs not known to be down (every read of placement starts here)."""
+    return healthy(db, hubs(settings), now, settings.hub_health_interval)
 
 
 def healthy(db: Session, configured: Iterable[Hub], now: datetime, interval: float) -> list[Hub]:

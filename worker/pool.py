@@ -26,14 +26,14 @@ from typing import Any
 from sqlalchemy import and_, func, select
 
 from worker import placement, transitions
-from worker.admission import ACTIVE, limits
+from worker.admission import limits
 from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
 from worker.context import WorkerContext
 from worker.hub_client import HubClient, HubError
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
 from worker.hubs import hubs
 from worker.metrics import observation
-from worker.models import Launch, Status
+from worker.models import ACTIVE, Launch, Status
 from worker.pool_config import Pool, pool_key, pools
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.settings import Settings
@@ -155,11 +155,7 @@ def maintain(ctx: WorkerContext) -> Report:
     with ctx.units.begin() as uow:
         # Several Hubs: each Hub that answers keeps its own pool of each size (a pooled server
         # stays on its Hub); one Hub: one pool, as before (the Hub is not looked at).
-        up = (
-            [h.name for h in placement.healthy(uow.db, configured, now, _interval(ctx))]
-            if several
-            else [None]
-        )
+        up = [h.name for h in placement.answering(uow.db, ctx.settings, now)] if several else [None]
         rows = uow.db.execute(
             select(Launch.id, Launch.pool_key, Launch.status, Launch.commit, Launch.hub).where(
                 Launch.pool_key.is_not(None),
@@ -224,10 +220,6 @@ def maintain(ctx: WorkerContext) -> Report:
     if started or drained:
         log.info("pool: started %s, drained %s", started or "none", drained or "none")
     return Report(started, drained)
-
-
-def _interval(ctx: WorkerContext) -> float:
-    return ctx.settings.hub_health_interval
 
 
 def _current_commit(ctx: WorkerContext, pool: Pool) -> str | None:

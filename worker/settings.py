@@ -184,10 +184,10 @@ class Settings(BaseSettings):
     @field_validator("hubs")
     @classmethod
     def _hub_list(cls, value: str) -> str:
-        from worker.hubs import BadHubs, _parse  # the parser lives with the Hubs it makes
+        from worker.hubs import BadHubs, parse  # the parser lives with the Hubs it makes
 
         try:
-            _parse(value, "http://unused", "", "http://unused")
+            parse(value, "http://unused", "", "http://unused")
         except BadHubs as e:
             raise ValueError(str(e)) from e
         return value

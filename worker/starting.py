@@ -324,7 +324,7 @@ def _build_hub(ctx: WorkerContext) -> str:
     choose now (its slot is taken later, by the admission, on this same Hub)."""
     configured = hubs(ctx.settings)
     with ctx.units.begin() as uow:
-        up = placement.healthy(uow.db, configured, ctx.clock(), ctx.settings.hub_health_interval)
+        up = placement.answering(uow.db, ctx.settings, ctx.clock())
         chosen = placement.choose(up, placement.active_per_hub(uow.db, configured[0].name))
     return (chosen or (up or list(configured))[0]).name
 

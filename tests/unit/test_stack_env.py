@@ -27,3 +27,22 @@ def test_a_more_verbose_level_is_kept(tmp_path: Path) -> None:
     assert stack(tmp_path, HUBLAUNCH_LOG_LEVEL="DEBUG").environ("beat")["HUBLAUNCH_LOG_LEVEL"] == (
         "DEBUG"
     )
+
+
+def test_each_hubs_token_reaches_the_worker_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several Hubs: the worker drives them (every token); the app and beat only ask which
+    Hubs there are (no token); the Hubs get no list at all. A list in the caller's own
+    environment reaches no other child either."""
+    monkeypatch.setenv("HUBLAUNCH_HUBS", '[{"api_token": "from-the-caller"}]')
+    several = Stack(StackConfig(tmp_path, "sqlite:///x.sqlite", "memory://", extra_hubs=2))
+    tokens = [several.hub_token, *(extra.token for extra in several.extra.values())]
+    worker = several.environ("worker")["HUBLAUNCH_HUBS"]
+    assert all(token in worker for token in tokens)
+    for child in ("api", "beat"):
+        listed = several.environ(child)["HUBLAUNCH_HUBS"]
+        assert "hub-3" in listed and "api_token" not in listed, child
+    assert "HUBLAUNCH_HUBS" not in several.environ("hub")
+    single = Stack(StackConfig(tmp_path / "one", "sqlite:///x.sqlite", "memory://"))
+    assert all("HUBLAUNCH_HUBS" not in single.environ(c) for c in ("api", "beat", "hub"))

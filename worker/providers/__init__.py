@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import resources
-from pathlib import Path
 
 import httpx
 
 from worker import safe_http
 from worker.providers import ckan, dataverse, figshare, hydroshare, zenodo
-from worker.providers.fetch import download as _download
+from worker.providers.fetch import download
 from worker.providers.record import Record, RecordError, RemoteFile
 from worker.repos import SpecError
 from worker.settings import Settings
@@ -84,16 +83,3 @@ def resolve(repo: str, settings: Settings) -> Record:
         except safe_http.UnsafeURL as e:
             raise RecordError(f"{remote.path} of {identifier} cannot be fetched: {e}") from e
     return record
-
-
-def download(
-    record: Record,
-    folder: Path,
-    settings: Settings,
-    log: Callable[[str], None],
-    *,
-    ends: float | None = None,
-) -> None:
-    """Every file of ``record`` into ``folder`` (see worker.providers.fetch), by ``ends``
-    (``time.monotonic()``) when given."""
-    _download(record, folder, settings, log, ends=ends)

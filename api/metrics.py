@@ -31,6 +31,7 @@ from worker.db import as_utc, reading, utcnow
 from worker.hubs import Hub, hubs
 from worker.models import HubHealth, Launch, Status
 from worker.pool_config import pools
+from worker.pool_demand import Size, sizes
 from worker.settings import Settings
 from worker.transitions import describe_spec
 
@@ -117,6 +118,7 @@ class HublaunchCollector(Collector):
                 select(func.min(Launch.created_at)).where(active, Launch.status == Status.queued)
             )
             pooled = queries.pool_counts(db)
+            pool_sizes = sizes(db, pools(self.settings), self.settings, now)
             configured = hubs(self.settings)
             per_hub = placement.active_per_hub(db, configured[0].name)
             health = {
@@ -142,7 +144,7 @@ class HublaunchCollector(Collector):
             launches.add_metric([status.value], count)
         yield launches
         yield _sessions_by_spec(specs)
-        yield _pool_servers(self.settings, pooled)
+        yield _pool_servers(pool_sizes, pooled)
         yield from _hub_gauges(configured, per_hub, health)
         backlog = GaugeMetricFamily(
             "hublaunch_queue_oldest_seconds",
@@ -236,16 +238,16 @@ def _hub_gauges(
     yield up
 
 
-def _pool_servers(settings: Settings, held: dict[str, dict[str, int]]) -> Metric:
-    """Each warm pool's servers: wanted (the setting), starting and ready (``pooled``)."""
+def _pool_servers(wanted: dict[str, Size], held: dict[str, dict[str, int]]) -> Metric:
+    """Each warm pool's servers: wanted (its size now), starting and ready (``pooled``)."""
     gauge = GaugeMetricFamily(
         "hublaunch_pool_servers",
-        "Warm-pool servers by pool and state: wanted (its size), starting, ready.",
+        "Warm-pool servers by pool and state: wanted (its size now), starting, ready.",
         labels=["pool", "state"],
     )
     counts = {key: {"wanted": 0, **states} for key, states in held.items()}
-    for pool in pools(settings):
-        counts.setdefault(pool.key, {"starting": 0, "ready": 0})["wanted"] = pool.size
+    for key, size in wanted.items():
+        counts.setdefault(key, {"starting": 0, "ready": 0})["wanted"] = size.wanted
     for key, states in sorted(counts.items()):
         for state, count in sorted(states.items()):
             gauge.add_metric([key, state], count)

@@ -254,6 +254,19 @@ class AdminPool(BaseModel):
 
     pool: str = Field(description='What launches it serves: "image:<name>" or "repo:<url>@<ref>".')
     spec: dict[str, Any] = Field(description="The spec its servers are started with.")
-    size: int = Field(description="Servers it keeps ready (the setting).")
+    size: int = Field(
+        description="Servers it keeps ready now: the setting's size, or for a pool sized by "
+        "demand what its recent launches call for, between minimum and maximum."
+    )
+    minimum: int = Field(description="The setting's lower bound (its size, for a fixed pool).")
+    maximum: int = Field(description="The setting's upper bound (its size, for a fixed pool).")
+    launches_in_window: int | None = Field(
+        description="A pool sized by demand: visitors' launches of its spec in the last "
+        "HUBLAUNCH_POOL_DEMAND_WINDOW seconds. Null for a fixed pool."
+    )
+    start_seconds: float | None = Field(
+        description="A pool sized by demand: the median time its servers took to start in that "
+        "window (null when none started in it; the size then assumes 10 s)."
+    )
     ready: int = Field(description="Servers running and never used, waiting for a launch.")
     starting: int = Field(description="Servers being started to refill it.")

@@ -151,11 +151,11 @@ class Launch(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(32))
     claim_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # The environment it runs, as the per-spec cap counts it (transitions.spec_key).
-    spec_key: Mapped[str | None] = mapped_column(String(SPEC_KEY_LENGTH), index=True)
+    spec_key: Mapped[str | None] = mapped_column(String(SPEC_KEY_LENGTH))
     # Servers started for this launch that did not come up (each try gets a fresh one).
     spawn_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Set on a warm-pool launch (worker/pool.py): the pool it fills. None for a visitor's.
-    pool_key: Mapped[str | None] = mapped_column(String(POOL_KEY_LENGTH), index=True)
+    pool_key: Mapped[str | None] = mapped_column(String(POOL_KEY_LENGTH))
     # The Hub it was placed on (worker/hubs.py), chosen with its slot; None: the first Hub.
     hub: Mapped[str | None] = mapped_column(String(63), index=True)
 
@@ -169,6 +169,10 @@ class Launch(Base):
             postgresql_where=text("user_removed_at IS NULL"),
             sqlite_where=text("user_removed_at IS NULL"),
         ),
+        # The per-spec cap counts by spec; a demand-sized pool reads a spec's recent launches
+        # and its servers' recent starts (worker/pool_demand.py).
+        Index("ix_launches_spec_key_created", "spec_key", "created_at"),
+        Index("ix_launches_pool_key_ready", "pool_key", "ready_at"),
     )
 
     @property

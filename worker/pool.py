@@ -10,14 +10,16 @@ handed out (``take``): the next pooled one is, and the dead one's user is remove
 left, the launch starts a fresh server for the user it holds, as any launch would.
 
 ``maintain`` (beat, every ``HUBLAUNCH_POOL_INTERVAL`` s, and after each claim) tops each pool up
-to its size, drains the surplus when the setting shrinks, and drains a repository pool's servers
-of an older commit once its ref moved. The database is the truth: nothing is kept in a process,
-so the pool survives a restart of every hublaunch process.
+to its size (fixed, or read from recent demand: ``worker.pool_demand``), drains the surplus when
+that size goes down, and drains a repository pool's servers of an older commit once its ref
+moved. The database is the truth: nothing is kept in a process, so the pool survives a restart
+of every hublaunch process.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +37,7 @@ from worker.hubs import hubs
 from worker.metrics import observation
 from worker.models import ACTIVE, Launch, Status
 from worker.pool_config import Pool, pool_key, pools
+from worker.pool_demand import sizes
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.settings import Settings
 from worker.transitions import STARTING, NewLaunch
@@ -163,6 +166,12 @@ def maintain(ctx: WorkerContext) -> Report:
                 Launch.end_requested_at.is_(None),
             )
         ).all()
+        # Each Hub keeps a fixed pool's size; a demand-sized pool's size is for all of them
+        # (the demand is the whole service's), shared out.
+        size = {
+            key: math.ceil(s.wanted / max(len(up), 1)) if wanted[key].by_demand else s.wanted
+            for key, s in sizes(uow.db, wanted.values(), ctx.settings, now).items()
+        }
         surplus: list[str] = []
         kept: dict[tuple[str, str | None], list[Any]] = {}
         for row in rows:
@@ -175,7 +184,7 @@ def maintain(ctx: WorkerContext) -> Report:
                 kept.setdefault((pool.key, where), []).append(row)
         for (key, _hub), members in kept.items():
             # Shrunk: the servers still starting go first, then pooled ones.
-            extra = len(members) - wanted[key].size
+            extra = len(members) - size[key]
             if extra > 0:
                 order = sorted(members, key=lambda r: r.status == Status.pooled)
                 surplus += [r.id for r in order[:extra]]
@@ -185,10 +194,10 @@ def maintain(ctx: WorkerContext) -> Report:
         pins: list[str | None] = []
         for key, pool in wanted.items():
             missing = {
-                hub: max(pool.size - sum(r.id not in surplus for r in kept.get((key, hub), [])), 0)
+                hub: max(size[key] - sum(r.id not in surplus for r in kept.get((key, hub), [])), 0)
                 for hub in up
             }
-            if failures.get(key, 0) >= FAILURES_PER_SLOT * max(pool.size, 1) * len(up):
+            if failures.get(key, 0) >= FAILURES_PER_SLOT * max(size[key], 1) * len(up):
                 if any(missing.values()):
                     log.warning("pool %s: its launches keep failing; not refilled for now", key)
                 continue

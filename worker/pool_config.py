@@ -17,11 +17,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pool:
-    """One configured pool: which launches it serves (``key``), the spec of its servers."""
+    """One configured pool: which launches it serves (``key``), the spec of its servers, and
+    how many it keeps: ``minimum`` = ``maximum`` for a fixed size; between them, by demand
+    (``worker.pool_demand``)."""
 
     key: str
     spec: dict[str, Any]
-    size: int
+    minimum: int
+    maximum: int
+
+    @property
+    def by_demand(self) -> bool:
+        return self.minimum < self.maximum
 
 
 def pool_key(spec: dict[str, Any]) -> str:
@@ -59,7 +66,8 @@ def _parse(settings: Settings) -> tuple[Pool, ...]:
             log.error("pool: %r is not a spec this service launches: %s", text, e)
             continue
         key = pool_key(spec)
-        found[key] = Pool(key, spec, int(size))
+        low, _, high = size.partition("..")
+        found[key] = Pool(key, spec, int(low), int(high or low))
     return tuple(found.values())
 
 

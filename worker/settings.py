@@ -150,9 +150,12 @@ class Settings(BaseSettings):
     build_token_lifetime: int = Field(3600, gt=0)
     # Warm pool (worker/pool.py): ready servers kept per spec, "<spec>=<n>" comma-separated:
     # images by name, repositories by spec and ref ("default=3,gh:org/repo@main=2"). Empty: none.
+    # "<spec>=<min>..<max>" sizes that pool by demand within those bounds (worker/pool_demand.py).
     pool: str = ""
     # Seconds between the pool's refill passes (a claim also asks for one at once).
     pool_interval: float = Field(5.0, gt=0)
+    # Seconds of launches a demand-sized pool reads its launch rate from.
+    pool_demand_window: float = Field(600.0, ge=60)
 
     @field_validator("client_rate")
     @classmethod
@@ -175,10 +178,15 @@ class Settings(BaseSettings):
             if not entry:
                 continue
             spec, sep, size = entry.rpartition("=")
-            if not sep or not spec.strip() or not size.strip().isdigit():
+            low, dots, high = size.strip().partition("..")
+            bounds = (low, high) if dots else (low,)
+            if not sep or not spec.strip() or not all(b.strip().isdigit() for b in bounds):
                 raise ValueError(
-                    f"pool: {entry!r} must read <spec>=<n>, e.g. default=3 or gh:org/repo@main=2"
+                    f"pool: {entry!r} must read <spec>=<n> or <spec>=<min>..<max>, e.g. "
+                    "default=3, gh:org/repo@main=2 or default=1..8"
                 )
+            if dots and int(low) > int(high):
+                raise ValueError(f"pool: {entry!r}: the minimum is above the maximum")
         return value
 
     @field_validator("hubs")

@@ -28,6 +28,7 @@ from worker import queries
 from worker.db import as_utc, as_utc_or_none, utcnow
 from worker.models import Launch, Status
 from worker.pool_config import pools
+from worker.pool_demand import sizes
 
 DISABLED = "The admin API is disabled; set HUBLAUNCH_ADMIN_TOKEN to enable it."
 MISSING_CREDENTIALS = "The admin API needs the admin token: send 'Authorization: Bearer <token>'."
@@ -162,15 +163,22 @@ def end_session(launch_id: str, units: UnitsDep) -> AdminSession:
 def warm_pools(db: DbDep, settings: SettingsDep) -> list[AdminPool]:
     """The warm pools the settings ask for, with the servers each holds now."""
     counts = queries.pool_counts(db)
+    configured = pools(settings)
+    now = utcnow()
+    size = sizes(db, configured, settings, now)
     return [
         AdminPool(
             pool=pool.key,
             spec=pool.spec,
-            size=pool.size,
+            size=size[pool.key].wanted,
+            minimum=pool.minimum,
+            maximum=pool.maximum,
+            launches_in_window=size[pool.key].launches if pool.by_demand else None,
+            start_seconds=size[pool.key].start_seconds,
             ready=counts.get(pool.key, {}).get("ready", 0),
             starting=counts.get(pool.key, {}).get("starting", 0),
         )
-        for pool in pools(settings)
+        for pool in configured
     ]
 
 

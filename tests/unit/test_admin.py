@@ -538,6 +538,10 @@ def test_the_pool_page_shows_each_pool_with_its_servers(
             "pool": "image:default",
             "spec": {"image": "default"},
             "size": 3,
+            "minimum": 3,
+            "maximum": 3,
+            "launches_in_window": None,
+            "start_seconds": None,
             "ready": 1,
             "starting": 1,
         },
@@ -545,9 +549,48 @@ def test_the_pool_page_shows_each_pool_with_its_servers(
             "pool": "repo:https://github.com/owner/repo@main",
             "spec": REPO,
             "size": 1,
+            "minimum": 1,
+            "maximum": 1,
+            "launches_in_window": None,
+            "start_seconds": None,
             "ready": 0,
             "starting": 0,
         },
     ]
     assert 'hublaunch_pool_servers{pool="image:default",state="wanted"} 3.0' in metrics
     assert 'hublaunch_pool_servers{pool="image:default",state="ready"} 1.0' in metrics
+
+
+def test_a_pool_sized_by_demand_shows_its_size_now_and_what_it_was_read_from(
+    admin_settings: Settings, broker: RecordingBroker
+) -> None:
+    settings = admin_settings.model_copy(update={"pool": "default=1..6"})
+    now = utcnow()
+    for _ in range(60):  # 0.1 launches a second over the 600 s window
+        add(settings, {"image": "default"}, created=now - timedelta(seconds=30))
+    # Its servers started in 8 s: 0.1 * 8 = 0.8 -> ceil(0.8 + 2 * 0.89) = 3.
+    add(
+        settings,
+        {"image": "default"},
+        created=now - timedelta(seconds=18),
+        status=Status.pooled,
+        pool_key="image:default",
+        ready_at=now - timedelta(seconds=10),
+    )
+    with TestClient(create_app(settings, broker=broker)) as client:
+        page = client.get("/api/admin/pool", headers=AUTH).json()
+        metrics = client.get("/metrics", headers=AUTH).text
+    assert page == [
+        {
+            "pool": "image:default",
+            "spec": {"image": "default"},
+            "size": 3,
+            "minimum": 1,
+            "maximum": 6,
+            "launches_in_window": 60,
+            "start_seconds": 8.0,
+            "ready": 1,
+            "starting": 0,
+        }
+    ]
+    assert 'hublaunch_pool_servers{pool="image:default",state="wanted"} 3.0' in metrics

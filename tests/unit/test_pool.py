@@ -74,7 +74,8 @@ def test_the_setting_names_images_and_repositories(ctx: WorkerContext) -> None:
     settings = ctx.settings.model_copy(
         update={"pool": "default=3, gh:org/repo@main=2,https://example.org/x.git=1"}
     )
-    found = {p.key: (p.spec, p.size) for p in pools(settings)}
+    found = {p.key: (p.spec, p.minimum) for p in pools(settings)}
+    assert not any(p.by_demand or p.minimum != p.maximum for p in pools(settings))
     assert found == {
         DEFAULT: ({"image": "default"}, 3),
         "repo:https://github.com/org/repo@main": (

@@ -243,3 +243,44 @@ def test_a_new_commit_drains_a_repository_pool(
     with session_scope(pool_stack.config.database_url) as db:
         old = db.get(Launch, first.id)
         assert old is not None and old.end_reason == EndReason.drained
+
+
+def test_a_pool_sized_by_demand_starts_empty_and_fills_when_launches_come(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database: Callable[[str], str],
+    redis_url: str,
+) -> None:
+    """Beat's own passes (every second) on a pool of 0..4: nothing is kept while nobody comes;
+    the first launch (a miss, started cold) is demand, and a server is kept for the next."""
+    stack = start_stack(
+        tmp_path_factory,
+        "pool-demand",
+        make_database("pool_demand"),
+        redis_url,
+        spawner="fake",
+        beat=True,
+        env={
+            "HUBLAUNCH_POOL": "default=0..4",
+            "HUBLAUNCH_POOL_INTERVAL": "1",
+            "HUBLAUNCH_FAKE_START_DELAY": str(START_DELAY),
+        },
+    )
+    try:
+        with httpx.Client(base_url=stack.public_url, timeout=30) as api:
+            time.sleep(3)  # three passes
+            assert pooled(stack) == []
+            first, cold = launch_and_wait(api)
+            assert cold >= START_DELAY and not took_from_pool(stack, str(first["id"]))
+            # One launch in the window: λT + 2√λT < 1, so one server is kept.
+            wait_for(lambda: len(pooled(stack)) == 1, 30, "a server kept for the demand")
+            time.sleep(3)
+            assert len(pooled(stack)) == 1  # and no more
+            second, warm = launch_and_wait(api)
+            assert took_from_pool(stack, str(second["id"])) and warm < START_DELAY
+            admin = {"Authorization": f"Bearer {stack.config.env['HUBLAUNCH_ADMIN_TOKEN']}"}
+            (page,) = api.get("/api/admin/pool", headers=admin).json()
+            assert page["minimum"] == 0 and page["maximum"] == 4
+            assert page["size"] == 1 and page["launches_in_window"] == 2
+            assert page["start_seconds"] >= START_DELAY
+    finally:
+        stack.stop()

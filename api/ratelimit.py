@@ -2,8 +2,9 @@
 
 One Lua script does the whole check in one round trip, atomically, on the Redis every app
 process shares (the broker's), with Redis's own clock, so all processes count against the same
-bucket. Also: the client's address (the socket peer, or the proxy's X-Forwarded-For when the
-peer is a trusted proxy) and the shared, lazily made Redis client.
+bucket; the same call says where the client stands, which every counted request is told in
+RateLimit headers. Also: the client's address (the socket peer, or the proxy's X-Forwarded-For
+when the peer is a trusted proxy) and the shared, lazily made Redis client.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import redis
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker import notify
 from worker.notify import redis_url
@@ -34,24 +35,31 @@ PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 REDIS_TIMEOUT = 0.25
 WARN_EVERY = 30.0
 
-# KEYS[1] the client's bucket; ARGV[1] emission interval (ms per launch), ARGV[2] burst (ms,
-# = the period: n launches at once). The value is the theoretical arrival time (TAT, ms on
-# Redis's clock). Returns {1, 0} when allowed, {0, ms until the next one is} when refused.
+# KEYS[1] the client's bucket; ARGV[1] emission interval (µs per launch), ARGV[2] burst (µs, =
+# n intervals: n launches at once). The value is the theoretical arrival time (TAT) on Redis's
+# clock, in ms as it always was (so processes of the previous version still read it during a
+# rolling update); the sums are in whole µs, TIME's own unit, so the counts below are exact
+# (in float ms, with the TAT stored to 0.1 ms, one back-to-back check in five was told 0 left
+# and 41 s, not 1 and 40 s).
+# Returns {1, launches left, µs until the bucket is full} when allowed, {0, µs until the next
+# one is, µs until the bucket is full} when refused.
 GCRA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local stored = tonumber(redis.call('GET', KEYS[1]))
+local tat = stored and math.floor(stored * 1000 + 0.5) or now
 if tat < now then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - burst
 if now < allow_at then
-  return {0, math.ceil(allow_at - now)}
+  return {0, allow_at - now, tat - now}
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now))
-return {1, 0}
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat / 1000), 'PX',
+  math.ceil((new_tat - now) / 1000))
+return {1, math.floor((burst - (new_tat - now)) / interval), new_tat - now}
 """
 
 
@@ -70,9 +78,70 @@ class Rate:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """Where a client stands after a check, as the RateLimit headers say it."""
+
+    limit: int  # launches in a window
+    window: int  # seconds
+    remaining: int  # launches it may start now
+    reset: int  # whole seconds (rounded up) until the bucket is full again
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        values = (
+            f"{self.limit};w={self.window}",
+            f"limit={self.limit}, remaining={self.remaining}, reset={self.reset}",
+            str(self.limit),
+            str(self.remaining),
+            str(self.reset),
+        )
+        return [(n.lower().encode(), v.encode()) for n, v in zip(HEADERS, values, strict=True)]
+
+
+# What every counted request is answered with: RateLimit-Policy and RateLimit as in
+# draft-ietf-httpapi-ratelimit-headers-07, and the older trio of draft -06, which existing
+# clients read. The same numbers in both.
+HEADERS = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+)
+# A browser script on another origin reads only the headers CORS exposes (a 429's Retry-After too).
+EXPOSED = ", ".join((*HEADERS, "Retry-After")).encode()
+# For the OpenAPI document of the routes that count (api/routes/launches.py).
+OPENAPI_HEADERS: dict[str, dict[str, Any]] = {
+    "RateLimit-Policy": {
+        "description": "The limit and its window: `<launches>;w=<seconds>`, e.g. `10;w=60`. "
+        "The RateLimit headers come with every launch counted against the client; none when "
+        "the limit is off or could not be checked.",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": "Where this client stands: `limit=<n>, remaining=<n>, reset=<seconds "
+        "until the bucket is full again>`.",
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Limit": {
+        "description": "Launches a client may start at once (and per window).",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "RateLimit-Remaining": {
+        "description": "Launches this client may start now (0 when refused).",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "RateLimit-Reset": {
+        "description": "Seconds until this client's bucket is full again (rounded up).",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+@dataclass(frozen=True)
 class Verdict:
     allowed: bool
     retry_after: int = 0  # whole seconds, at least 1 when refused
+    quota: Quota | None = None  # None when nothing was counted (Redis down): no numbers to give
 
     def message(self, rate: Rate) -> str:
         return (
@@ -166,24 +235,29 @@ class Limiter:
         self._prefix = prefix
         self._script = client.register_script(GCRA)
         self._last_warning = -math.inf
+        # Whole µs, the script's unit, rounded down so that n intervals fit in the period: a
+        # full bucket never reads as a second more than the window (7/minute: 59.999996 s).
+        self._interval = max(1, int(rate.period * 1_000_000) // rate.count)
+        self._burst = self._interval * rate.count
+        self._window = math.ceil(rate.period)
 
     @property
     def rate(self) -> Rate:
         return self._rate
 
     def check(self, address: str) -> Verdict:
-        """Count one launch for ``address``: allowed, or refused with the seconds to wait.
+        """Count one launch for ``address``: allowed, or refused with the seconds to wait; with
+        where the client stands, from the same script call.
 
-        Redis unreachable or failing: allowed, with a warning (at most one per WARN_EVERY s).
-        The limit protects the Hub from floods; refusing every visitor because the counter is
-        down would turn a Redis hiccup into a full outage, and the queue itself (the same
-        Redis) then refuses launches with a 503 of its own anyway.
+        Redis unreachable or failing: allowed, with a warning (at most one per WARN_EVERY s),
+        and no quota (nothing was counted; numbers made up here would mislead). The limit
+        protects the Hub from floods; refusing every visitor because the counter is down would
+        turn a Redis hiccup into a full outage, and the queue itself (the same Redis) then
+        refuses launches with a 503 of its own anyway.
         """
-        interval = self._rate.period * 1000 / self._rate.count
-        burst = self._rate.period * 1000
         try:
-            allowed, wait_ms = self._script(
-                keys=[f"{self._prefix}rate:{address}"], args=[interval, burst]
+            allowed, left_or_wait, full_us = self._script(
+                keys=[f"{self._prefix}rate:{address}"], args=[self._interval, self._burst]
             )
         except redis.RedisError as e:
             now = time.monotonic()
@@ -191,9 +265,16 @@ class Limiter:
                 self._last_warning = now
                 log.warning("rate limit not checked (Redis: %s); launch allowed", e)
             return ALLOWED
+        reset = _seconds(full_us)
         if allowed:
-            return ALLOWED
-        return Verdict(False, max(1, math.ceil(int(wait_ms) / 1000)))
+            left = int(left_or_wait)
+            return Verdict(True, quota=Quota(self._rate.count, self._window, left, reset))
+        quota = Quota(self._rate.count, self._window, 0, reset)
+        return Verdict(False, max(1, _seconds(left_or_wait)), quota)
+
+
+def _seconds(microseconds: int) -> int:
+    return -(-int(microseconds) // 1_000_000)  # rounded up, in integers
 
 
 _limiters: dict[tuple[int, str, str, str], Limiter] = {}
@@ -223,39 +304,82 @@ def check(settings: Settings, address: str) -> tuple[Verdict, Rate | None]:
     return active.check(address), active.rate
 
 
-# -- the flood path ----------------------------------------------------------------------------
+def count(
+    connection: HTTPConnection, settings: Settings, address: str
+) -> tuple[Verdict, Rate | None]:
+    """``check``, and keep the verdict on the request: LimitLaunchStarts answers with where
+    the client stands (RateLimit headers) on whatever response the request then gets."""
+    verdict, rate = check(settings, address)
+    connection.scope.setdefault("state", {})[VERDICT] = verdict
+    return verdict, rate
+
+
+# -- the flood path, and the headers -------------------------------------------------------------
 
 LAUNCHES_PATH = "/api/launches"
+BUILD_PREFIX = "/build/"
 CHECKED = "hublaunch_rate_checked"  # set in the request's state once the middleware counted it
+VERDICT = "hublaunch_rate_verdict"  # the verdict of a counted request (``count``)
 
 
 class LimitLaunchStarts:
     """Count ``POST /api/launches`` before anything else runs (ASGI middleware): a refused
     request costs one Redis call, never a body parse, a dependency, a worker thread or the
     database — a flood must not starve the intake. A request with an ``Idempotency-Key`` is left
-    to the route, which counts it only when it is not a replay."""
+    to the route, which counts it only when it is not a replay; so is ``GET /build/...``, which
+    counts only when it does not resume its own launch.
+
+    Every response to a counted request carries the RateLimit headers of its verdict, added to
+    the start message whoever counted it (here or the route), so a 429, a 202 and the start of
+    a /build stream say the same. A request that was not counted gets none; neither does one
+    counted while Redis was down."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] != LAUNCHES_PATH
-            or any(name == b"idempotency-key" for name, _ in scope["headers"])
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        verdict, rate = check(self.settings, client_address(HTTPConnection(scope), self.settings))
-        if not verdict.allowed and rate is not None:
-            refusal = JSONResponse(
-                {"detail": verdict.message(rate)},
-                status_code=429,
-                headers={"Retry-After": str(verdict.retry_after)},
-            )
-            await refusal(scope, receive, send)
+        launch = scope["method"] == "POST" and scope["path"] == LAUNCHES_PATH
+        if not launch and not scope["path"].startswith(BUILD_PREFIX):
+            await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})[CHECKED] = True
+        # The routes' Request.state is this dict: what they record is read back at the start.
+        state = scope.setdefault("state", {})
+        send = _with_quota(send, state)
+        if launch and not any(name == b"idempotency-key" for name, _ in scope["headers"]):
+            connection = HTTPConnection(scope)
+            verdict, rate = count(
+                connection, self.settings, client_address(connection, self.settings)
+            )
+            if not verdict.allowed and rate is not None:
+                refusal = JSONResponse(
+                    {"detail": verdict.message(rate)},
+                    status_code=429,
+                    headers={"Retry-After": str(verdict.retry_after)},
+                )
+                await refusal(scope, receive, send)
+                return
+            state[CHECKED] = True
         await self.app(scope, receive, send)
+
+
+def _with_quota(send: Send, state: dict[str, Any]) -> Send:
+    """``send``, adding the RateLimit headers of the request's verdict (if it was counted, with
+    numbers) to the response's start."""
+
+    async def sending(message: Message) -> None:
+        verdict = state.get(VERDICT)
+        # No quota: not counted, or counted while Redis was down (no numbers to give).
+        quota = verdict.quota if isinstance(verdict, Verdict) else None
+        if message["type"] == "http.response.start" and quota is not None:
+            headers = [*message.get("headers", ()), *quota.headers()]
+            # /build answers other origins (CORS); their scripts read only exposed headers.
+            if any(name == b"access-control-allow-origin" for name, _ in headers):
+                headers.append((b"access-control-expose-headers", EXPOSED))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending

@@ -107,18 +107,29 @@ def first_event(client: httpx.Client, path: str, **headers: str) -> tuple[str, d
 def test_over_the_rate_is_a_429_with_retry_after(visitor: httpx.Client) -> None:
     answers = [visitor.post("/api/launches", json=FAILING) for _ in range(RATE + 1)]
     assert [a.status_code for a in answers] == [202] * RATE + [429]
+    # Each counted launch says where the client stands, through the Hub's proxy.
+    left = [int(a.headers["RateLimit-Remaining"]) for a in answers]
+    assert left == [*range(RATE - 1, -1, -1), 0]
+    assert {a.headers["RateLimit-Policy"] for a in answers} == {f"{RATE};w=60"}
+    resets = [int(a.headers["RateLimit-Reset"]) for a in answers[:RATE]]
+    assert all(12 * n - 2 <= reset <= 12 * n for n, reset in enumerate(resets, 1)), resets
     refused = answers[-1]
     wait = int(refused.headers["Retry-After"])
     assert 1 <= wait <= 60 // RATE
     assert f"wait {wait} s and try again" in refused.json()["detail"]
+    reset = int(refused.headers["RateLimit-Reset"])
+    assert wait <= reset <= 60
+    assert refused.headers["RateLimit"] == f"limit={RATE}, remaining=0, reset={reset}"
     # Refused before the body is read: a flood of garbage costs the app one Redis call each.
     garbage = visitor.post("/api/launches", content=b"{not json", headers={"Content-Type": "x"})
     assert garbage.status_code == 429 and "Retry-After" in garbage.headers
+    assert garbage.headers["RateLimit-Remaining"] == "0"
 
     # /build from the same client: the same limit, as BinderHub's failed event and a 429.
     with visitor.stream("GET", "/build/image/default") as build:
         assert build.status_code == 429
         assert int(build.headers["Retry-After"]) >= 1
+        assert build.headers["RateLimit-Remaining"] == "0"
         assert build.headers["content-type"].startswith("text/event-stream")
         body = build.read().decode()
     event = json.loads(body.split("data:", 1)[1])
@@ -160,6 +171,22 @@ def test_a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(limits_stack:
             for i in range(RATE + 2)
         ]
     assert codes == [202] * RATE + [429] * 2
+
+
+def test_a_spoofed_forwarded_for_shows_the_spoofers_own_counter(limits_stack: Stack) -> None:
+    victim = f"127.0.0.{next(_addresses)}"
+    with client_from(limits_stack.public_url, victim) as visitor:
+        codes = [visitor.post("/api/launches", json=FAILING).status_code for _ in range(RATE)]
+    assert codes == [202] * RATE
+    # Straight to the app, naming the victim: the peer's own fresh bucket, not the victim's.
+    with client_from(limits_stack.app_url, f"127.0.0.{next(_addresses)}") as direct:
+        spoofed = direct.post("/api/launches", json=FAILING, headers={"X-Forwarded-For": victim})
+    assert spoofed.status_code == 202
+    assert spoofed.headers["RateLimit-Remaining"] == str(RATE - 1)
+    # And the victim's bucket is as the victim left it.
+    with client_from(limits_stack.public_url, victim) as visitor:
+        again = visitor.post("/api/launches", json=FAILING)
+    assert again.status_code == 429 and again.headers["RateLimit-Remaining"] == "0"
 
 
 def test_a_flood_is_refused_fast_and_starts_only_the_allowed_launches(
@@ -205,8 +232,10 @@ def test_a_resumed_build_stream_is_neither_counted_nor_refused(
     limits_stack: Stack, visitor: httpx.Client
 ) -> None:
     event_id, _ = first_event(visitor, "/build/image/default")
-    for _ in range(RATE - 1):
-        assert visitor.post("/api/launches", json=FAILING).status_code == 202
+    posts = [visitor.post("/api/launches", json=FAILING) for _ in range(RATE - 1)]
+    assert [p.status_code for p in posts] == [202] * (RATE - 1)
+    # The /build stream was counted: one launch fewer left.
+    assert [int(p.headers["RateLimit-Remaining"]) for p in posts] == list(range(RATE - 2, -1, -1))
     assert visitor.post("/api/launches", json=FAILING).status_code == 429
     # The bucket is empty, yet the page's EventSource reconnecting gets its launch's stream.
     before = launches(limits_stack)
@@ -214,6 +243,8 @@ def test_a_resumed_build_stream_is_neither_counted_nor_refused(
         "GET", "/build/image/default", headers={"Last-Event-ID": event_id}
     ) as resumed:
         assert resumed.status_code == 200
+        # Not counted, so nothing to say of the bucket.
+        assert not any(name.startswith("ratelimit") for name in resumed.headers)
         ids = [line for line in resumed.iter_lines() if line.startswith("id:")]
     assert ids and all(line[3:].strip().startswith(event_id.split(":")[0]) for line in ids)
     assert launches(limits_stack) == before

@@ -12,7 +12,7 @@ import anyio
 
 from api.group_commit import DATABASE_DOWN, QUEUE_DOWN, DatabaseUnavailable, LaunchWriter
 from api.schemas import LaunchRequest
-from worker import repos, sources, transitions
+from worker import clients, repos, sources, transitions
 from worker.broker import QueueUnavailable, teardown_message
 from worker.db import utcnow
 from worker.models import Launch
@@ -38,9 +38,10 @@ class Refused(Exception):
 BUILD_ONLY_REFUSED = "Building without launching is not permitted on this service."
 
 
-def prepare(settings: Settings, body: LaunchRequest) -> NewLaunch:
-    """The launch ``body`` asks for, checked; or ``Refused``. Blocks on DNS for a repository
-    (its host must resolve to public addresses)."""
+def prepare(settings: Settings, body: LaunchRequest, client: str) -> NewLaunch:
+    """The launch ``body`` asks for, checked; or ``Refused``. ``client``: the visitor's address,
+    kept as a keyed digest (``worker.clients``). Blocks on DNS for a repository (its host must
+    resolve to public addresses)."""
     spec = body.spec()
     if body.repo is not None:
         try:
@@ -56,23 +57,25 @@ def prepare(settings: Settings, body: LaunchRequest) -> NewLaunch:
     lifetime = body.lifetime or settings.session_max_age
     if lifetime > settings.session_max_age:
         raise Refused(422, f"lifetime must be at most {settings.session_max_age} seconds")
-    return NewLaunch(spec, lifetime)
+    return NewLaunch(spec, lifetime, client=clients.digest(settings, client))
 
 
-def accept(writer: LaunchWriter, settings: Settings, body: LaunchRequest) -> str:
+def accept(writer: LaunchWriter, settings: Settings, body: LaunchRequest, client: str) -> str:
     """The id of the launch ``body`` asks for, committed and sent; or ``Refused``."""
     try:
-        return writer.create(prepare(settings, body))
+        return writer.create(prepare(settings, body, client))
     except (QueueUnavailable, DatabaseUnavailable) as e:
         raise _refused(e) from e
 
 
-async def accept_async(writer: LaunchWriter, settings: Settings, body: LaunchRequest) -> str:
+async def accept_async(
+    writer: LaunchWriter, settings: Settings, body: LaunchRequest, client: str
+) -> str:
     """``accept`` for the event loop: only a repository's DNS check takes a thread."""
     if body.repo is None:
-        new = prepare(settings, body)
+        new = prepare(settings, body, client)
     else:
-        new = await anyio.to_thread.run_sync(prepare, settings, body)
+        new = await anyio.to_thread.run_sync(prepare, settings, body, client)
     try:
         return await writer.create_async(new)
     except (QueueUnavailable, DatabaseUnavailable) as e:

@@ -12,10 +12,16 @@ worker reads next already includes it. Otherwise the launch waits: a ``waiting``
 place in line (again only when the place changes), its deadline extended, and the task retried
 every ``POLL_SECONDS``, until ``max_wait`` s have passed and it fails with ``capacity``.
 
-The line is first come, first served by ``created_at`` among the launches already waiting. Per
-spec (an image, or a repository whatever its ref) a second, shorter cap applies: a launch held
-back by its own spec's cap does not count as ahead of launches of other specs, so one popular
-repository never blocks the rest.
+The line is fair between clients, then first come, first served: a launch's turn is the number
+of sessions its client already holds plus its client's launches ahead of it in line, and lower
+turns go first (``created_at`` orders each turn). So a client's first session goes before
+anyone's second, one client that sends many launches waits behind its own, and it never pushes
+the others back. A client is the keyed digest of the visitor's address (``worker.clients``):
+behind one NAT, a class shares it, and is served like one busy client.
+
+Per spec (an image, or a repository whatever its ref) a second, shorter cap applies: a launch
+held back by its own spec's cap does not count as ahead of launches of other specs, so one
+popular repository never blocks the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,6 +79,7 @@ class Entry:
     id: str
     key: str
     created_at: datetime
+    client: str | None = None  # None: a launch of the pool's, or from before clients were kept
 
 
 # -- the caps ------------------------------------------------------------------------
@@ -138,6 +145,7 @@ def place(
     caps: Limits,
     *,
     active_total: int | None = None,
+    sessions: Mapping[str, int] | None = None,
 ) -> int | None:
     """None when ``me`` may start now, else how many launches are ahead of it in line.
 
@@ -145,12 +153,13 @@ def place(
     Walking the line in order, a launch whose spec still has a free slot (after the active
     sessions and the same-spec launches before it) will take a slot before ``me``; one held
     back by its own spec's cap will not, so it is not counted ahead of other specs.
+    ``sessions``: how many active sessions each client in line holds (``fair_order``).
     """
     held = Counter(active)
     free_total = caps.total - (sum(held.values()) if active_total is None else active_total)
     seen: Counter[str] = Counter()
     ahead = 0
-    for entry in sorted([*waiting, me], key=lambda e: (as_utc(e.created_at), e.id)):
+    for entry in fair_order([*waiting, me], sessions or {}):
         spec_free = caps.per_spec - held[entry.key] - seen[entry.key]
         if entry.id == me.id:
             if spec_free <= 0:
@@ -160,6 +169,21 @@ def place(
             ahead += 1
         seen[entry.key] += 1
     raise AssertionError("unreachable: me is in the line")
+
+
+def fair_order(line: Iterable[Entry], sessions: Mapping[str, int]) -> list[Entry]:
+    """The line in the order slots go: by turn (the sessions the launch's client holds, plus
+    its client's launches that arrived before it), then by arrival."""
+    by_arrival = sorted(line, key=lambda e: (as_utc(e.created_at), e.id))
+    turns: Counter[str] = Counter(sessions)
+    ranked = []
+    for entry in by_arrival:
+        turn = turns[entry.client] if entry.client is not None else 0
+        if entry.client is not None:
+            turns[entry.client] += 1
+        ranked.append((turn, entry))
+    # sorted() is stable: within a round, arrival order stays.
+    return [entry for _, entry in sorted(ranked, key=lambda pair: pair[0])]
 
 
 # -- the lock ------------------------------------------------------------------------
@@ -205,6 +229,19 @@ def _held(db: Session, keys: set[str]) -> tuple[list[str], int]:
     return [key for key, count in rows if key is not None for _ in range(count)], total
 
 
+def _sessions_of(db: Session, clients: set[str]) -> dict[str, int]:
+    """The active sessions each of ``clients`` holds."""
+    if not clients:
+        return {}
+    live = and_(Launch.status.in_(ACTIVE), Launch.user_removed_at.is_(None))
+    rows = db.execute(
+        select(Launch.client, func.count())
+        .where(live, Launch.client.in_(clients))
+        .group_by(Launch.client)
+    )
+    return {str(client): int(count) for client, count in rows}
+
+
 def _in_line(db: Session, launch_id: str) -> list[Entry]:
     """The other launches waiting for a slot: not launching yet, no end asked, and told at
     least once that they wait."""
@@ -214,7 +251,7 @@ def _in_line(db: Session, launch_id: str) -> list[Entry]:
         LaunchEvent.message.startswith(transitions.SLOT_WAIT, autoescape=True),
     )
     rows = db.execute(
-        select(Launch.id, Launch.spec, Launch.created_at).where(
+        select(Launch.id, Launch.spec, Launch.created_at, Launch.client).where(
             and_(
                 Launch.status.in_(WAITING),
                 Launch.end_requested_at.is_(None),
@@ -223,7 +260,7 @@ def _in_line(db: Session, launch_id: str) -> list[Entry]:
             )
         )
     )
-    return [Entry(r.id, spec_key(r.spec), r.created_at) for r in rows]
+    return [Entry(r.id, spec_key(r.spec), r.created_at, r.client) for r in rows]
 
 
 # -- the decision ----------------------------------------------------------------------
@@ -244,7 +281,7 @@ def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
         if launch.end_requested_at is not None:
             return Outcome(retry_in=0)  # the next run ends it; it takes no slot
         now = ctx.clock()
-        me = Entry(launch.id, spec_key(launch.spec), launch.created_at)
+        me = Entry(launch.id, spec_key(launch.spec), launch.created_at, launch.client)
         line = _in_line(uow.db, launch_id)
         held, total = _held(uow.db, {me.key} | {entry.key for entry in line})
         # Several Hubs (worker/placement.py): only the room of the Hubs that answer counts.
@@ -262,7 +299,10 @@ def admit(ctx: WorkerContext, launch_id: str) -> Launch | Outcome:
         room = placement.room(up, per_hub)
         if room != math.inf:
             caps = Limits(total=min(caps.total, total + int(room)), per_spec=caps.per_spec)
-        position = place(me, held, line, caps, active_total=total)
+        # Alone in line, the order does not matter: the clients' sessions are not read.
+        clients = {e.client for e in [me, *line] if e.client is not None} if line else set()
+        sessions = _sessions_of(uow.db, clients)
+        position = place(me, held, line, caps, active_total=total, sessions=sessions)
         chosen = placement.choose(up, per_hub) if position is None else None
         if chosen is not None:
             transitions.mark_launching(

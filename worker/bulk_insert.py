@@ -32,17 +32,21 @@ class NewRow:
     deadline_at: datetime
     message: str
     pool_key: str | None = None
+    client: str | None = None
 
 
 # The events' foreign key is checked at the end of the statement, when both tables are written.
 _POSTGRESQL = """
 WITH new_launch AS (
     INSERT INTO launches
-        (id, status, spec, spec_key, lifetime, created_at, updated_at, deadline_at, pool_key)
-    SELECT id, %(status)s, spec, spec_key, lifetime, %(now)s, %(now)s, deadline_at, pool_key
+        (id, status, spec, spec_key, lifetime, created_at, updated_at, deadline_at, pool_key,
+         client)
+    SELECT id, %(status)s, spec, spec_key, lifetime, %(now)s, %(now)s, deadline_at, pool_key,
+           client
     FROM unnest(%(id)s::varchar[], %(spec)s::json[], %(spec_key)s::varchar[],
-                %(lifetime)s::int[], %(deadline_at)s::timestamptz[], %(pool_key)s::varchar[])
-        AS t(id, spec, spec_key, lifetime, deadline_at, pool_key)
+                %(lifetime)s::int[], %(deadline_at)s::timestamptz[], %(pool_key)s::varchar[],
+                %(client)s::varchar[])
+        AS t(id, spec, spec_key, lifetime, deadline_at, pool_key, client)
 )
 INSERT INTO launch_events (launch_id, phase, message, created_at)
 SELECT id, %(phase)s, message, %(now)s
@@ -67,6 +71,7 @@ def insert_new(db: Session, rows: Sequence[NewRow], now: datetime) -> None:
                 "deadline_at": [row.deadline_at for row in rows],
                 "message": [row.message for row in rows],
                 "pool_key": [row.pool_key for row in rows],
+                "client": [row.client for row in rows],
             },
         )
         return
@@ -83,6 +88,7 @@ def insert_new(db: Session, rows: Sequence[NewRow], now: datetime) -> None:
                 "updated_at": now,
                 "deadline_at": row.deadline_at,
                 "pool_key": row.pool_key,
+                "client": row.client,
             }
             for row in rows
         ],

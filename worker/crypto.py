@@ -1,8 +1,11 @@
-"""Encryption of tokens at rest (Fernet: AES-128-CBC + HMAC-SHA256)."""
+"""Encryption of tokens at rest (Fernet: AES-128-CBC + HMAC-SHA256), and keys for other uses
+derived from the same secret."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -12,7 +15,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from worker.settings import Settings
 
-__all__ = ["InvalidToken", "cipher", "reveal"]
+__all__ = ["InvalidToken", "cipher", "derived_key", "reveal"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,20 @@ def reveal(settings: Settings, ciphertext: str | None) -> str | None:
 
 
 def cipher(settings: Settings) -> Fernet:
+    return _cipher(_secret(settings))
+
+
+def derived_key(settings: Settings, purpose: str) -> bytes:
+    """A key for ``purpose``, derived from the tokens' secret (HMAC-SHA256): one secret to
+    configure, and no use can be turned into another's key."""
+    return _derive(_secret(settings), purpose)
+
+
+@functools.cache
+def _derive(secret: bytes, purpose: str) -> bytes:
+    return hmac.new(secret, b"hublaunch:" + purpose.encode(), hashlib.sha256).digest()
+
+
+def _secret(settings: Settings) -> bytes:
     configured = settings.secret_key.get_secret_value()
-    key = configured.encode() if configured else _key_from_file(settings.secret_key_file.resolve())
-    return _cipher(key)
+    return configured.encode() if configured else _key_from_file(settings.secret_key_file.resolve())

@@ -93,6 +93,7 @@ Timestamp = DateTime(timezone=True)
 # of longer URLs are cut, which only makes two such repositories share one cap.
 SPEC_KEY_LENGTH = 512
 POOL_KEY_LENGTH = 640  # a repository's key and its ref
+CLIENT_LENGTH = 32  # worker/clients.py: 128 bits of a keyed digest
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -158,6 +159,9 @@ class Launch(Base):
     pool_key: Mapped[str | None] = mapped_column(String(POOL_KEY_LENGTH))
     # The Hub it was placed on (worker/hubs.py), chosen with its slot; None: the first Hub.
     hub: Mapped[str | None] = mapped_column(String(63), index=True)
+    # Who asked for it: a keyed digest of the visitor's address (worker/clients.py), never the
+    # address. The waiting line is fair between clients (worker/admission.py). None: the pool's.
+    client: Mapped[str | None] = mapped_column(String(CLIENT_LENGTH))
 
     __table_args__ = (
         # Rows whose Hub user may still exist: everything live plus owed removals. Every query

@@ -234,6 +234,7 @@ class NewLaunch:
     spec: dict[str, Any]
     lifetime: int
     id: str = field(default_factory=new_launch_id)
+    client: str | None = None  # worker.clients.digest of who asked; None for the pool's own
 
 
 def new_hub_user_name(prefix: str) -> str:
@@ -269,6 +270,7 @@ def create_many(
             deadline_at=deadline,
             message=printable(f"Launch of {describe_spec(item.spec)} queued"),
             pool_key=pool_keys[i] if pool_keys is not None else None,
+            client=item.client,
         )
         for i, item in enumerate(new)
     ]

@@ -128,7 +128,8 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: Writ
             if build_only and not settings.allow_build_only:
                 return _refused(400, intake.BUILD_ONLY_REFUSED, headers)
             # Only a request that starts a launch is counted; a resumed stream (above) never is.
-            verdict, rate = ratelimit.check(settings, ratelimit.client_address(request, settings))
+            address = ratelimit.client_address(request, settings)
+            verdict, rate = ratelimit.count(request, settings, address)
             if not verdict.allowed and rate is not None:
                 # 429 + Retry-After, and the body still BinderHub's one ``failed`` event:
                 # fetch-based clients (binderhub-client's fetch-event-source) read a body of
@@ -143,7 +144,7 @@ def build(request: Request, settings: SettingsDep, units: UnitsDep, writer: Writ
                     headers={**headers, "Retry-After": str(verdict.retry_after)},
                 )
             request_body = spec.request(build_only=build_only)
-            launch_id, after = intake.accept(writer, settings, request_body), 0
+            launch_id, after = intake.accept(writer, settings, request_body, address), 0
     except (binder.BadSpec, intake.Refused) as e:
         message = e.message if isinstance(e, intake.Refused) else str(e)
         return StreamingResponse(

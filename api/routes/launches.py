@@ -75,6 +75,8 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=LaunchAccepted,
     responses={
+        # Counted launches say where the client stands (api/ratelimit.py); a replay does not.
+        202: {"headers": ratelimit.OPENAPI_HEADERS},
         400: {
             "model": Problem,
             "description": "The body is not valid JSON, or the Idempotency-Key is malformed.",
@@ -91,7 +93,10 @@ def view(settings: Settings, launch: Launch) -> LaunchView:
             "description": "The launch request is invalid, or its Idempotency-Key was used "
             "with another body.",
         },
-        **RATE_LIMITED,
+        429: {
+            **RATE_LIMITED[429],
+            "headers": {**RATE_LIMITED[429]["headers"], **ratelimit.OPENAPI_HEADERS},
+        },
         503: {
             "model": Problem,
             "description": "The queue or the database is unavailable; nothing was started.",
@@ -131,14 +136,14 @@ async def create_launch(
         # A replay above starts nothing, so only a request that would start a launch counts;
         # one without a key was counted already, before its body was read (LimitLaunchStarts).
         if not getattr(request.state, ratelimit.CHECKED, False):
-            verdict, rate = await run_in_threadpool(ratelimit.check, settings, client)
+            verdict, rate = await run_in_threadpool(ratelimit.count, request, settings, client)
             if not verdict.allowed and rate is not None:
                 raise HTTPException(
                     status.HTTP_429_TOO_MANY_REQUESTS,
                     verdict.message(rate),
                     headers={"Retry-After": str(verdict.retry_after)},
                 )
-        launch_id = await intake.accept_async(writer, settings, body)
+        launch_id = await intake.accept_async(writer, settings, body, client)
     except intake.Refused as e:
         if claim is not None:
             await run_in_threadpool(claim.release)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from hublaunch.stack import Stack
 from tests.integration.conftest import keep_logs, launch_row, read_events, start_stack, wait_for
+from tests.integration.test_limits import client_from
 from worker.db import session_scope
 from worker.hub_client import HubClient
 from worker.hub_users import remove_hub_user
@@ -154,4 +155,64 @@ def test_over_the_cap_launches_wait_in_line_and_start_when_a_slot_frees(
         )
         for name in sessions(hub) - before:
             wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
+    assert sessions(hub) == before
+
+
+def test_one_client_flooding_the_line_does_not_push_another_back(
+    hub: HubClient, capped_stack: Stack
+) -> None:
+    """Hostile: one client (an address of its own, through the proxy) takes both slots and puts
+    four more launches in line; a second client, holding no session, is next in line at once
+    and gets the first slot that frees, before the flooder's four."""
+    before = sessions(hub)
+    url = capped_stack.public_url
+    ids: list[str] = []
+    with client_from(url, "127.0.0.201") as flooder, client_from(url, "127.0.0.202") as other:
+        try:
+            for _ in range(6):
+                response = flooder.post("/api/launches", json={"image": "default"})
+                assert response.status_code == 202, response.text
+                ids.append(response.json()["id"])
+
+            def settled() -> bool:
+                ready = [i for i in ids if launch_row(capped_stack, i).status == Status.ready]
+                waiting = [i for i in ids if i not in ready]
+                return len(ready) == 2 and [last_position(capped_stack, i) for i in waiting] == [
+                    0,
+                    1,
+                    2,
+                    3,
+                ]
+
+            wait_for(settled, 60, "two sessions and the flooder's four launches in line")
+            waiting = [i for i in ids if launch_row(capped_stack, i).status == Status.queued]
+            response = other.post("/api/launches", json={"image": "default"})
+            assert response.status_code == 202, response.text
+            mine = response.json()["id"]
+            ids.append(mine)
+            # Next in line (first come, first served would put it behind 4).
+            events_until(other, mine, lambda e: e.get("position") == 0)
+            # The flooder's waiters moved back one each.
+            wait_for(
+                lambda: [last_position(capped_stack, i) for i in waiting] == [1, 2, 3, 4],
+                30,
+                "the flooder's launches behind the other client's",
+            )
+            ready = [i for i in ids if launch_row(capped_stack, i).status == Status.ready]
+            assert flooder.delete(f"/api/launches/{ready[0]}").status_code == 202
+            assert read_events(other, mine)[-1]["phase"] == "ready"
+            assert [launch_row(capped_stack, i).status for i in waiting] == [Status.queued] * 4
+            # Then the flooder's own, in its order.
+            assert flooder.delete(f"/api/launches/{ready[1]}").status_code == 202
+            assert read_events(flooder, waiting[0])[-1]["phase"] == "ready"
+        finally:
+            for launch_id in ids:
+                flooder.delete(f"/api/launches/{launch_id}")
+            wait_for(
+                lambda: all(launch_row(capped_stack, i).status == Status.ended for i in ids),
+                60,
+                "every launch ended",
+            )
+            for name in sessions(hub) - before:
+                wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
     assert sessions(hub) == before

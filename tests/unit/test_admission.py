@@ -17,7 +17,7 @@ from sqlalchemy import select
 from tests.fakes import FakeHub
 from tests.unit.conftest import Clock
 from worker import admission, transitions
-from worker.admission import Entry, Limits, machine_sessions, parse_bytes, place
+from worker.admission import Entry, Limits, fair_order, machine_sessions, parse_bytes, place
 from worker.context import WorkerContext
 from worker.cull import cull_pass
 from worker.db import as_utc, session_scope
@@ -294,6 +294,43 @@ def test_place_in_line() -> None:
     assert place(me, ["b", "b"], [entry("x", "b", 1)], caps) == 1
     # Later launches never count.
     assert place(me, ["a", "a"], [entry("z", "c", 9)], caps) is None
+
+
+def test_the_line_is_fair_between_clients() -> None:
+    t0 = as_utc(Clock()())
+
+    def entry(name: str, minute: int, client: str | None) -> Entry:
+        return Entry(name, "a", t0 + timedelta(minutes=minute), client)
+
+    def order(line: list[Entry], sessions: dict[str, int] | None = None) -> list[str]:
+        return [e.id for e in fair_order(line, sessions or {})]
+
+    # A flood: one client's five launches, then two other clients' one each.
+    flood = [entry(f"f{i}", i, "flooder") for i in range(5)]
+    late = [entry("b", 10, "b"), entry("c", 11, "c")]
+    assert order([*late, *flood]) == ["f0", "b", "c", "f1", "f2", "f3", "f4"]
+    # The sessions a client already holds count as its turns taken.
+    assert order([*late, *flood], {"flooder": 2}) == ["b", "c", "f0", "f1", "f2", "f3", "f4"]
+    assert order([*late, *flood], {"flooder": 1, "b": 1}) == [
+        "c",
+        "f0",
+        "b",
+        "f1",
+        "f2",
+        "f3",
+        "f4",
+    ]
+    # Two clients with several each take turns, each turn by arrival.
+    two = [entry("x1", 0, "x"), entry("x2", 1, "x"), entry("y1", 2, "y"), entry("y2", 3, "y")]
+    assert order(two) == ["x1", "y1", "x2", "y2"]
+    # Launches with no client (the pool's, older rows) are each a first turn.
+    assert order([entry("p", 5, None), *flood[:2]]) == ["f0", "p", "f1"]
+    # place() walks that order: with one free slot, the late client goes before the flood.
+    caps = Limits(total=10, per_spec=10)
+    held = ["a"] * 9
+    assert place(late[0], held, flood, caps) == 1  # behind f0 only
+    assert place(late[0], held, flood, caps, sessions={"flooder": 9}) is None
+    assert place(flood[0], held, [*flood[1:], *late], caps, sessions={"flooder": 9}) == 2
 
 
 def test_the_launch_page_shows_the_waiting_message() -> None:

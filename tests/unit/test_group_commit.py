@@ -138,7 +138,7 @@ def test_no_database_is_a_clear_503_and_nothing_recorded(settings: Settings) -> 
     with pytest.raises(DatabaseUnavailable):
         writer.create(new())
     with pytest.raises(intake.Refused) as refused:
-        intake.accept(writer, settings, LaunchRequest(image="default"))
+        intake.accept(writer, settings, LaunchRequest(image="default"), "192.0.2.1")
     assert (refused.value.status, refused.value.message) == (503, DATABASE_DOWN)
 
 

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from api import intake
@@ -48,7 +50,8 @@ def rows(settings: Settings) -> tuple[int, int]:
 def accept(units: Units, settings: Settings, body: LaunchRequest) -> Launch:
     """The intake's accept, through a launch writer of its own on ``units``: the launch."""
     return load(
-        settings, intake.accept(LaunchWriter(units, settings.launch_timeout), settings, body)
+        settings,
+        intake.accept(LaunchWriter(units, settings.launch_timeout), settings, body, "192.0.2.1"),
     )
 
 
@@ -335,3 +338,25 @@ def test_a_launch_failed_meanwhile_is_left_failed_when_the_queue_refuses(
     with session_scope(settings.database_url) as db:
         launch = db.scalars(select(Launch)).one()
         assert launch.error == "failed by a pass" and launch.user_removed_at is None
+
+
+def test_a_launch_keeps_who_asked_as_a_keyed_digest_never_the_address(
+    settings: Settings, broker: RecordingBroker
+) -> None:
+    units = Units(settings.database_url, broker)
+    writer = LaunchWriter(units, settings.launch_timeout)
+
+    def client_of(address: str, settings: Settings = settings) -> str | None:
+        launch_id = intake.accept(writer, settings, LaunchRequest(image="default"), address)
+        with session_scope(settings.database_url) as db:
+            launch = db.get_one(Launch, launch_id)
+            return launch.client
+
+    first = client_of("203.0.113.7")
+    assert first is not None and len(first) == 32 and "203.0.113" not in first
+    assert client_of("203.0.113.7") == first  # one client, one digest
+    assert client_of("203.0.113.8") != first
+    # Keyed: the same address under another secret is another digest (a table of every IPv4
+    # address's digest is no use without the key).
+    other = settings.model_copy(update={"secret_key": SecretStr(Fernet.generate_key().decode())})
+    assert client_of("203.0.113.7", other) != first

@@ -58,9 +58,9 @@ def build_message(name: str, *, queue: str | None = None) -> Message:
     return Message(BUILD_TASK, name, queue=queue)
 
 
-def pool_message() -> Message:
-    """Top the warm pools up now (worker/pool.py); the argument is unused."""
-    return Message(POOL_TASK, "refill")
+def pool_message(*, countdown: float | None = None) -> Message:
+    """Top the warm pools up (worker/pool.py); the argument is unused."""
+    return Message(POOL_TASK, "refill", countdown)
 
 
 class Broker(Protocol):

@@ -29,7 +29,7 @@ from sqlalchemy import and_, func, select
 
 from worker import placement, transitions
 from worker.admission import limits
-from worker.broker import QueueUnavailable, launch_message, pool_message, teardown_message
+from worker.broker import launch_message, pool_message, teardown_message
 from worker.context import WorkerContext
 from worker.hub_client import HubClient, HubError
 from worker.hub_users import STOP_WAIT_SECONDS, remove_hub_user
@@ -41,7 +41,7 @@ from worker.pool_demand import sizes
 from worker.repos import RepoSpec, ResolveError, SpecError
 from worker.settings import Settings
 from worker.transitions import STARTING, NewLaunch
-from worker.unit_of_work import UnitOfWork
+from worker.unit_of_work import Undelivered, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ FAILURE_WINDOW = timedelta(minutes=5)
 FAILURES_PER_SLOT = 2
 # Pooled servers tried before a claim gives up (each lost race or dead server is one).
 CLAIM_TRIES = 5
+# Seconds after a claim before its refill: sent at once, the refill's Hub calls (a new user, a
+# spawn) land on the Hub while the hit's own are in flight and slow the hit down.
+REFILL_AFTER = 1.0
 
 
 # -- a visitor's launch takes a pooled server ---------------------------------------------
@@ -67,24 +70,27 @@ def claim(
         return None
     started = time.monotonic()
     name: str | None = None
-    for _ in range(CLAIM_TRIES):
-        with ctx.units.begin() as uow:
-            candidate = transitions.pooled_candidate(uow, key)
-            if candidate is None:
-                break
-            name = transitions.hand_over(
-                uow, candidate, launch_id, now=ctx.clock(), replacing=replacing
-            )
-            if name is not None:
-                break
     try:
-        with ctx.units.begin() as uow:
-            uow.observe(observation("hublaunch_pool_claims", outcome="hit" if name else "miss"))
-            if name:
-                seconds = time.monotonic() - started
-                uow.observe(observation("hublaunch_pool_claim_seconds", seconds))
-                uow.send(pool_message())  # refill now, not at the next interval
-    except QueueUnavailable as e:
+        for _ in range(CLAIM_TRIES):
+            with ctx.units.begin() as uow:
+                candidate = transitions.pooled_candidate(uow, key)
+                if candidate is None:
+                    uow.observe(observation("hublaunch_pool_claims", outcome="miss"))
+                    break
+                name = transitions.hand_over(
+                    uow, candidate, launch_id, now=ctx.clock(), replacing=replacing
+                )
+                if name is not None:
+                    # Counted and the refill sent once the hand-over commits, in its unit.
+                    uow.observe(observation("hublaunch_pool_claims", outcome="hit"))
+                    seconds = time.monotonic() - started
+                    uow.observe(observation("hublaunch_pool_claim_seconds", seconds))
+                    uow.send(pool_message(countdown=REFILL_AFTER))  # not at the next interval
+                    break
+        else:  # every try lost its race: a miss too
+            with ctx.units.begin() as uow:
+                uow.observe(observation("hublaunch_pool_claims", outcome="miss"))
+    except Undelivered as e:  # the hand-over committed; only the refill message was refused
         log.warning("pool: refill not asked for (%s); the next interval does it", e)
     if name is not None:
         log.info("launch %s: pooled server %s handed over", launch_id, name)
@@ -117,6 +123,8 @@ def take(ctx: WorkerContext, launch_id: str, spec: dict[str, Any]) -> tuple[str 
 
 def _hub(ctx: WorkerContext, name: str) -> HubClient:
     """The client of the Hub the user ``name`` is on (a pooled server stays on its Hub)."""
+    if len(hubs(ctx.settings)) == 1:
+        return ctx.hub_for(None)  # one Hub: nothing to look up (a hit's path is timed)
     with ctx.units.begin() as uow:
         hub = uow.db.scalar(select(Launch.hub).where(Launch.hub_user == name))
     return ctx.hub_for(hub)

@@ -144,11 +144,14 @@ def bench_database(sqlite_file: Path | None = None) -> Iterator[Database]:
 
 
 def forget_queue(queue: str) -> None:
-    """Remove the Redis keys kombu keeps for a run's queue and its build queue (both empty)."""
+    """Remove the Redis keys of a run's queue: kombu's for it and its build queues (empty by
+    now), and the stack's own (metrics, counters), which all name the queue."""
     with contextlib.suppress(redis.RedisError):
         r = redis.Redis.from_url(BROKER_URL, socket_timeout=2)
         for q in (queue, f"{queue}.builds"):
             r.delete(q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+        for key in r.scan_iter(match=f"*{queue}*", count=1000):
+            r.delete(key)
 
 
 def hub_http(stack: Stack, timeout: float, **options: Any) -> httpx.Client:

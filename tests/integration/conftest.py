@@ -46,12 +46,17 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        client.ping()
     except redis.RedisError as e:
         pytest.fail(f"Redis must answer at {REDIS_URL} (.ci/run starts it): {e}")
-    return REDIS_URL
+    yield REDIS_URL
+    # Every key this run's stacks made names its queue (test-<run>-<label>): the queues and
+    # kombu's bindings, the metrics, the rate and watcher counters. None outlives the run.
+    for key in client.scan_iter(match=f"*test-{RUN_ID}-*", count=1000):
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,22 @@ def events_until(
     raise AssertionError(f"launch {launch_id}: no such event in {timeout} s: {events}")
 
 
+def end_all(
+    api: httpx.Client, stack: Stack, hub: HubClient, ids: list[str], before: set[str]
+) -> None:
+    """End every launch of a test and wait until none of its Hub users is left."""
+    for launch_id in ids:
+        api.delete(f"/api/launches/{launch_id}")
+    wait_for(
+        lambda: all(launch_row(stack, i).status == Status.ended for i in ids),
+        60,
+        "every launch ended",
+    )
+    for name in sessions(hub) - before:
+        wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
+    assert sessions(hub) == before
+
+
 def last_position(stack: Stack, launch_id: str) -> int | None:
     with session_scope(stack.config.database_url) as db:
         events = db.scalars(
@@ -146,16 +162,7 @@ def test_over_the_cap_launches_wait_in_line_and_start_when_a_slot_frees(
         assert launch_row(capped_stack, ready[0]).status == Status.ended
         assert len(sessions(hub) - before) == 2
     finally:
-        for launch_id in ids:
-            api.delete(f"/api/launches/{launch_id}")
-        wait_for(
-            lambda: all(launch_row(capped_stack, i).status == Status.ended for i in ids),
-            60,
-            "every launch ended",
-        )
-        for name in sessions(hub) - before:
-            wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
-    assert sessions(hub) == before
+        end_all(api, capped_stack, hub, ids, before)
 
 
 def test_one_client_flooding_the_line_does_not_push_another_back(
@@ -206,13 +213,4 @@ def test_one_client_flooding_the_line_does_not_push_another_back(
             assert flooder.delete(f"/api/launches/{ready[1]}").status_code == 202
             assert read_events(flooder, waiting[0])[-1]["phase"] == "ready"
         finally:
-            for launch_id in ids:
-                flooder.delete(f"/api/launches/{launch_id}")
-            wait_for(
-                lambda: all(launch_row(capped_stack, i).status == Status.ended for i in ids),
-                60,
-                "every launch ended",
-            )
-            for name in sessions(hub) - before:
-                wait_for(lambda n=name: remove_hub_user(hub, n), 20, f"removal of {name}")
-    assert sessions(hub) == before
+            end_all(flooder, capped_stack, hub, ids, before)

@@ -31,6 +31,8 @@ API_MAY_IMPORT = {
     "worker.placement",
     # Which warm pools the settings ask for (metrics and the admin API show them).
     "worker.pool_config",
+    "worker.pool_demand",  # each pool's size now, for the metrics and the admin API
+    "worker.clients",  # who asked for a launch, as the intake records it
     "worker.queries",
     "worker.repos",
     "worker.settings",

@@ -42,8 +42,17 @@ install: $(STAMP) $(PROXY) sandbox-tools ## create .venv and install Python, Nod
 dev: install ## run the whole local stack (Hub + proxy + app + worker + beat) on :8000
 	$(BIN)/hublaunch dev --port $${PORT:-8000}
 
+# The two suites run side by side: the integration tests mostly wait on real processes (Hubs,
+# servers, restarts), the unit tests use the CPU; one after the other took 30 min on a slow day.
+# The unit suite's report follows the integration suite's; either failing fails the target.
 test: install $(CHECKOV) lint ## lint, then every test (unit + integration against real Hub, Redis, PostgreSQL)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	@log=$$(mktemp); \
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS) > $$log 2>&1 & unit=$$!; \
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS); integration=$$?; \
+	wait $$unit; units=$$?; \
+	echo "--- tests/unit (ran alongside) ---"; cat $$log; rm -f $$log; \
+	echo "tests/integration: exit $$integration; tests/unit: exit $$units"; \
+	[ $$integration -eq 0 ] && [ $$units -eq 0 ]
 
 test-unit: install $(CHECKOV) ## only the fast unit tests
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)

@@ -182,7 +182,7 @@ def fair_order(line: Iterable[Entry], sessions: Mapping[str, int]) -> list[Entry
         if entry.client is not None:
             turns[entry.client] += 1
         ranked.append((turn, entry))
-    # sorted() is stable: within a round, arrival order stays.
+    # sorted() is stable: within a turn, arrival order stays.
     return [entry for _, entry in sorted(ranked, key=lambda pair: pair[0])]
 
 

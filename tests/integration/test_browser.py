@@ -51,6 +51,9 @@ def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(90_000)
+    # Assertions wait as long as actions: JupyterLab opening a notebook took over expect()'s
+    # default 5 s on a slow day (a real server, two test suites side by side on 2 cores).
+    expect.set_options(timeout=90_000)
     yield page
     context.close()
 

@@ -72,5 +72,11 @@ def _derive(secret: bytes, purpose: str) -> bytes:
 
 
 def _secret(settings: Settings) -> bytes:
-    configured = settings.secret_key.get_secret_value()
-    return configured.encode() if configured else _key_from_file(settings.secret_key_file.resolve())
+    return _secret_of(settings.secret_key.get_secret_value(), settings.secret_key_file)
+
+
+@functools.cache
+def _secret_of(configured: str, path: Path) -> bytes:
+    # Cached: the intake derives a client digest's key on every launch, and resolving the
+    # key file's path is a few system calls each time.
+    return configured.encode() if configured else _key_from_file(path.resolve())

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import ratelimit
 from api.group_commit import LaunchWriter
 from api.metrics import HublaunchCollector
 from api.pages import STATIC_DIR, not_found
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             client.close()
         if app.state.broker is not None:
             app.state.broker.close()
+        await ratelimit.close_async_limiters()
 
     app = FastAPI(
         title="hublaunch",

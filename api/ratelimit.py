@@ -9,6 +9,7 @@ when the peer is a trusted proxy) and the shared, lazily made Redis client.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -16,10 +17,12 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -227,13 +230,13 @@ def key_prefix(settings: Settings) -> str:
     return f"hublaunch:{settings.queue}:"
 
 
-class Limiter:
-    """The launch rate of each client, counted in ``client``'s Redis under ``prefix``."""
+class Bucket:
+    """The launch rate of each client, counted under ``prefix``: the script's arguments and
+    what its answer means, whichever client (blocking or asynchronous) runs it."""
 
-    def __init__(self, client: redis.Redis, rate: Rate, prefix: str) -> None:
+    def __init__(self, rate: Rate, prefix: str) -> None:
         self._rate = rate
         self._prefix = prefix
-        self._script = client.register_script(GCRA)
         self._last_warning = -math.inf
         # Whole µs, the script's unit, rounded down so that n intervals fit in the period: a
         # full bucket never reads as a second more than the window (7/minute: 59.999996 s).
@@ -245,32 +248,72 @@ class Limiter:
     def rate(self) -> Rate:
         return self._rate
 
-    def check(self, address: str) -> Verdict:
-        """Count one launch for ``address``: allowed, or refused with the seconds to wait; with
-        where the client stands, from the same script call.
+    def _keys(self, address: str) -> list[str]:
+        return [f"{self._prefix}rate:{address}"]
 
-        Redis unreachable or failing: allowed, with a warning (at most one per WARN_EVERY s),
-        and no quota (nothing was counted; numbers made up here would mislead). The limit
-        protects the Hub from floods; refusing every visitor because the counter is down would
-        turn a Redis hiccup into a full outage, and the queue itself (the same Redis) then
-        refuses launches with a 503 of its own anyway.
-        """
-        try:
-            allowed, left_or_wait, full_us = self._script(
-                keys=[f"{self._prefix}rate:{address}"], args=[self._interval, self._burst]
-            )
-        except redis.RedisError as e:
-            now = time.monotonic()
-            if now - self._last_warning >= WARN_EVERY:
-                self._last_warning = now
-                log.warning("rate limit not checked (Redis: %s); launch allowed", e)
-            return ALLOWED
+    def _args(self) -> list[int]:
+        return [self._interval, self._burst]
+
+    def _verdict(self, reply: list[int]) -> Verdict:
+        allowed, left_or_wait, full_us = reply
         reset = _seconds(full_us)
         if allowed:
             left = int(left_or_wait)
             return Verdict(True, quota=Quota(self._rate.count, self._window, left, reset))
         quota = Quota(self._rate.count, self._window, 0, reset)
         return Verdict(False, max(1, _seconds(left_or_wait)), quota)
+
+    def _unchecked(self, error: redis.RedisError) -> Verdict:
+        """Redis unreachable or failing: allowed, with a warning (at most one per WARN_EVERY
+        s), and no quota (nothing was counted; numbers made up here would mislead). The limit
+        protects the Hub from floods; refusing every visitor because the counter is down would
+        turn a Redis hiccup into a full outage, and the queue itself (the same Redis) then
+        refuses launches with a 503 of its own anyway."""
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY:
+            self._last_warning = now
+            log.warning("rate limit not checked (Redis: %s); launch allowed", error)
+        return ALLOWED
+
+
+class Limiter(Bucket):
+    """A ``Bucket`` checked with a blocking client (for code on a thread)."""
+
+    def __init__(self, client: redis.Redis, rate: Rate, prefix: str) -> None:
+        super().__init__(rate, prefix)
+        self._script = client.register_script(GCRA)
+
+    def check(self, address: str) -> Verdict:
+        """Count one launch for ``address``: allowed, or refused with the seconds to wait; with
+        where the client stands, from the same script call (``Bucket._unchecked`` when Redis
+        fails)."""
+        try:
+            return self._verdict(self._script(keys=self._keys(address), args=self._args()))
+        except redis.RedisError as e:
+            return self._unchecked(e)
+
+
+class AsyncLimiter(Bucket):
+    """A ``Bucket`` checked without blocking its event loop. A blocking call there stalled
+    every request of the process for a round trip, and gave up the GIL to the launch writer
+    (api.group_commit) each time, to wait for it back: the limit cost an accepted launch more
+    than the rest of the app did."""
+
+    def __init__(self, client: aioredis.Redis, rate: Rate, prefix: str) -> None:
+        super().__init__(rate, prefix)
+        self._client = client
+        self._script = client.register_script(GCRA)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def check(self, address: str) -> Verdict:
+        """``Limiter.check``, awaited."""
+        try:
+            reply = await self._script(keys=self._keys(address), args=self._args())
+        except redis.RedisError as e:
+            return self._unchecked(e)
+        return self._verdict(reply)
 
 
 def _seconds(microseconds: int) -> int:
@@ -279,6 +322,15 @@ def _seconds(microseconds: int) -> int:
 
 _limiters: dict[tuple[int, str, str, str], Limiter] = {}
 _limiters_lock = threading.Lock()
+# An asynchronous client's connections belong to the loop that made them: one limiter per loop
+# (uvicorn runs one; each test client its own), gone with its loop.
+_async_limiters: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str, str], AsyncLimiter]
+] = weakref.WeakKeyDictionary()
+# Concurrent checks share this many connections, then wait for one (queueing, not Redis in
+# trouble: it does not fail open until POOL_WAIT has passed).
+POOL_SIZE = 32
+POOL_WAIT = 2.0
 
 
 def limiter(settings: Settings) -> Limiter | None:
@@ -294,6 +346,34 @@ def limiter(settings: Settings) -> Limiter | None:
         if found is None:
             found = _limiters[key] = Limiter(client, rate, key_prefix(settings))
         return found
+
+
+def async_limiter(settings: Settings) -> AsyncLimiter | None:
+    """``limiter`` for the running event loop."""
+    rate = Rate.parse(settings.client_rate)
+    url = redis_url(settings) if rate else None
+    if rate is None or url is None:
+        return None
+    per_loop = _async_limiters.setdefault(asyncio.get_running_loop(), {})
+    key = (url, settings.client_rate, key_prefix(settings))
+    found = per_loop.get(key)
+    if found is None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+        )
+        client = aioredis.Redis.from_pool(pool)  # closing it closes the pool
+        found = per_loop[key] = AsyncLimiter(client, rate, key_prefix(settings))
+    return found
+
+
+async def close_async_limiters() -> None:
+    """Close the running loop's limiters' connections (the app's shutdown)."""
+    for found in _async_limiters.pop(asyncio.get_running_loop(), {}).values():
+        await found.close()
 
 
 def check(settings: Settings, address: str) -> tuple[Verdict, Rate | None]:
@@ -312,6 +392,18 @@ def count(
     verdict, rate = check(settings, address)
     connection.scope.setdefault("state", {})[VERDICT] = verdict
     return verdict, rate
+
+
+async def count_async(
+    connection: HTTPConnection, settings: Settings, address: str
+) -> tuple[Verdict, Rate | None]:
+    """``count`` on the event loop, without blocking it."""
+    active = async_limiter(settings)
+    if active is None:
+        return ALLOWED, None
+    verdict = await active.check(address)
+    connection.scope.setdefault("state", {})[VERDICT] = verdict
+    return verdict, active.rate
 
 
 # -- the flood path, and the headers -------------------------------------------------------------
@@ -337,6 +429,7 @@ class LimitLaunchStarts:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self._off = Rate.parse(settings.client_rate) is None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -348,10 +441,17 @@ class LimitLaunchStarts:
             return
         # The routes' Request.state is this dict: what they record is read back at the start.
         state = scope.setdefault("state", {})
+        if self._off:
+            # Nothing is ever counted: no headers to add, and the route need not ask (a thread
+            # hop each); a wrapped ``send`` would cost every launch for nothing.
+            if launch:
+                state[CHECKED] = True
+            await self.app(scope, receive, send)
+            return
         send = _with_quota(send, state)
         if launch and not any(name == b"idempotency-key" for name, _ in scope["headers"]):
             connection = HTTPConnection(scope)
-            verdict, rate = count(
+            verdict, rate = await count_async(
                 connection, self.settings, client_address(connection, self.settings)
             )
             if not verdict.allowed and rate is not None:

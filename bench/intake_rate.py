@@ -8,12 +8,16 @@ PostgreSQL and Redis, with no worker:
 * bare-async: the same route as ``async def``, with no thread-pool hop (a stricter baseline,
   printed beside it: the app's route is asynchronous now);
 * hublaunch: the real app (limits lifted: the rate limit off, no Idempotency-Key sent);
+* hublaunch limited: the real app with the rate limit on but never reached (a million a
+  second), so each launch also pays its Redis check and RateLimit headers, as in production;
 * hublaunch refusing: the real app with a rate limit of 1 an hour, so every POST after the first
   is a 429 (what a flood gets).
 
 wrk (Debian's package) drives each with ``--connections`` connections for ``--seconds`` s, in the
-order bare, bare-async, hublaunch, refusing, then again, so drift shows; rates are compared in
-the same run. The launches made are left in a throwaway database; their queue is deleted.
+order bare, bare-async, hublaunch, limited, refusing, then again, so drift shows; rates are
+compared in the same run. Each run also reads the server process's CPU time per request, which
+drifts less than rates on a shared machine. The launches made are left in a throwaway
+database; their queues are deleted.
 
     .venv/bin/python -m bench.intake_rate     # needs /usr/bin/wrk (apt-get install wrk)
 """
@@ -78,6 +82,13 @@ class Result:
     p50_ms: float
     p99_ms: float
     statuses: str
+    cpu_us: float = 0.0  # the server process's CPU time per request (µs): steadier than rates
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(value: str) -> float:
@@ -85,7 +96,10 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_wrk(url: str, label: str, args: argparse.Namespace, script: Path) -> Result:
+def run_wrk(
+    url: str, label: str, args: argparse.Namespace, script: Path, pid: int | None = None
+) -> Result:
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [
             "wrk",
@@ -106,7 +120,9 @@ def run_wrk(url: str, label: str, args: argparse.Namespace, script: Path) -> Res
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return Result(label, rate, p50, p99, f"non-2xx {bad.group(1)}" if bad else "all 2xx")
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu_us = (cpu_seconds(pid) - cpu_before) * 1e6 / done if pid and done else 0.0
+    return Result(label, rate, p50, p99, f"non-2xx {bad.group(1)}" if bad else "all 2xx", cpu_us)
 
 
 def app_env(database_url: str, queue: str, tmp: Path) -> dict[str, str]:
@@ -172,6 +188,7 @@ def main() -> int:
                 "bare": free_port(),
                 "bare-async": free_port(),
                 "hublaunch": free_port(),
+                "limited": free_port(),
                 "refusing": free_port(),
             }
             procs.append(serve("bare_app:app", ports["bare"], base_env, tmp / "bare.log", False))
@@ -196,19 +213,36 @@ def main() -> int:
             procs.append(
                 serve(
                     "api.main:create_app",
+                    ports["limited"],
+                    {
+                        **base_env,
+                        "HUBLAUNCH_CLIENT_RATE": "1000000/second",
+                        # Its own bucket: the refusing app's (same client) is empty for an hour.
+                        "HUBLAUNCH_QUEUE": f"{queue}-limited",
+                    },
+                    tmp / "limited.log",
+                    True,
+                )
+            )
+            procs.append(
+                serve(
+                    "api.main:create_app",
                     ports["refusing"],
                     {**base_env, "HUBLAUNCH_CLIENT_RATE": "1/hour"},
                     tmp / "refusing.log",
                     True,
                 )
             )
+            pids = dict(zip(ports, (proc.pid for proc in procs), strict=True))
             for _ in range(2):
-                for label in ("bare", "bare-async", "hublaunch", "refusing"):
-                    result = run_wrk(f"http://127.0.0.1:{ports[label]}", label, args, script)
+                for label in ports:
+                    url = f"http://127.0.0.1:{ports[label]}"
+                    result = run_wrk(url, label, args, script, pids[label])
                     results.append(result)
                     print(
                         f"  {label:<10} {result.rate:8.0f}/s  p50 {result.p50_ms:6.1f} ms  "
-                        f"p99 {result.p99_ms:6.1f} ms  ({result.statuses})",
+                        f"p99 {result.p99_ms:6.1f} ms  CPU {result.cpu_us:5.0f} µs/request  "
+                        f"({result.statuses})",
                         flush=True,
                     )
             print()
@@ -222,7 +256,7 @@ def main() -> int:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=20)
-        forget_queue(queue)
+        forget_queue(queue)  # and the limited app's, which names it
         shutil.rmtree(tmp, ignore_errors=True)
 
     def best(label: str) -> Result:
@@ -232,7 +266,19 @@ def main() -> int:
     ratio, refusing_ratio = accepted.rate / bare.rate, refusing.rate / bare.rate
     print(f"\naccepted/bare: {ratio:.3f} (target >= {TARGET_RATIO})")
     print(f"accepted/bare-async: {accepted.rate / best('bare-async').rate:.3f} (no target)")
+    limited = best("limited")
+    print(
+        f"accepted with the limit on/bare: {limited.rate / bare.rate:.3f}, "
+        f"p99 {limited.p99_ms:.1f} ms (no target: the issue lifts the limit)"
+    )
     print(f"accepted p99: {accepted.p99_ms:.1f} ms (target <= {TARGET_P99_MS:.0f} ms)")
+    cpu = {label: min(r.cpu_us for r in results if r.label == label) for label in ports}
+    print(
+        f"server CPU per request (least of 2): accepted {cpu['hublaunch']:.0f} µs, "
+        f"with the limit on {cpu['limited']:.0f} µs, bare {cpu['bare']:.0f} µs, "
+        f"refused {cpu['refusing']:.0f} µs; "
+        f"accepted/bare {cpu['hublaunch'] / cpu['bare']:.2f}"
+    )
     print(f"refused (429)/bare: {refusing_ratio:.3f} (target >= {TARGET_REFUSING_RATIO})")
     print(json.dumps({r.label + str(i): r.rate for i, r in enumerate(results)}))
     return 0

@@ -136,7 +136,7 @@ async def create_launch(
         # A replay above starts nothing, so only a request that would start a launch counts;
         # one without a key was counted already, before its body was read (LimitLaunchStarts).
         if not getattr(request.state, ratelimit.CHECKED, False):
-            verdict, rate = await run_in_threadpool(ratelimit.count, request, settings, client)
+            verdict, rate = await ratelimit.count_async(request, settings, client)
             if not verdict.allowed and rate is not None:
                 raise HTTPException(
                     status.HTTP_429_TOO_MANY_REQUESTS,

@@ -4,6 +4,7 @@ RateLimit headers the app answers with (over the app, counting in the real Redis
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
+import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -24,7 +26,7 @@ from starlette.requests import Request
 
 from api import ratelimit
 from api.main import create_app
-from api.ratelimit import Limiter, Quota, Rate, client_address
+from api.ratelimit import AsyncLimiter, Limiter, Quota, Rate, Verdict, client_address
 from tests.fakes import RecordingBroker
 from worker.db import dispose_all, session_scope
 from worker.migrate import upgrade
@@ -222,6 +224,73 @@ def test_redis_down_lets_launches_through_with_one_warning(
     assert all(v.allowed and v.quota is None for v in verdicts)  # nothing counted: no numbers
     warnings = [r for r in caplog.records if "rate limit not checked" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_the_event_loops_limiter_counts_in_the_same_bucket(
+    real_redis: redis.Redis, prefix: str
+) -> None:
+    # The middleware's (asynchronous) and a thread's (blocking) checks of one client share one
+    # bucket, with the same numbers.
+    blocking = Limiter(real_redis, Rate(3, 60.0), f"hublaunch:{prefix}:")
+
+    async def twice() -> list[Verdict]:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            limiter = AsyncLimiter(client, Rate(3, 60.0), f"hublaunch:{prefix}:")
+            return [await limiter.check("192.0.2.1"), await limiter.check("192.0.2.1")]
+        finally:
+            await client.aclose()
+
+    first = blocking.check("192.0.2.1")
+    second, third = asyncio.run(twice())
+    assert [v.quota.remaining for v in (first, second, third) if v.quota] == [2, 1, 0]
+    assert not blocking.check("192.0.2.1").allowed
+
+
+def test_concurrent_checks_on_one_loop_never_pass_more_than_the_limit(prefix: str) -> None:
+    # Fifty at once from one address, over the pool's 32 connections: the script is atomic,
+    # so exactly the burst passes, whatever the interleaving.
+    settings = Settings(broker_url=REDIS_URL, client_rate="10/minute", queue=prefix)
+
+    async def flood() -> list[Verdict]:
+        limiter = ratelimit.async_limiter(settings)
+        assert limiter is not None
+        return await asyncio.gather(*(limiter.check("192.0.2.9") for _ in range(50)))
+
+    verdicts = asyncio.run(flood())
+    assert sum(v.allowed for v in verdicts) == 10
+    assert sorted(v.quota.remaining for v in verdicts if v.allowed and v.quota) == list(range(10))
+    assert all(v.retry_after >= 1 for v in verdicts if not v.allowed)
+
+
+def test_each_event_loop_has_its_own_limiter(prefix: str) -> None:
+    # An asynchronous client's connections belong to one loop; a second loop (another test
+    # client) must not be handed them.
+    settings = Settings(broker_url=REDIS_URL, client_rate="10/minute", queue=prefix)
+
+    async def mine() -> tuple[AsyncLimiter | None, bool]:
+        limiter = ratelimit.async_limiter(settings)
+        assert limiter is not None
+        verdict = await limiter.check("192.0.2.3")
+        return limiter, limiter is ratelimit.async_limiter(settings) and verdict.allowed
+
+    first, same_within = asyncio.run(mine())
+    second, _ = asyncio.run(mine())
+    assert same_within and first is not second
+
+
+def test_redis_down_lets_launches_through_on_the_event_loop_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def checks() -> list[Verdict]:
+        dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+        limiter = AsyncLimiter(dead, Rate(1, 60.0), "hublaunch:t:")
+        return [await limiter.check("192.0.2.1") for _ in range(3)]
+
+    with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
+        verdicts = asyncio.run(checks())
+    assert all(v.allowed and v.quota is None for v in verdicts)
+    assert len([r for r in caplog.records if "rate limit not checked" in r.getMessage()]) == 1
 
 
 def test_no_limiter_when_off_or_without_redis() -> None:

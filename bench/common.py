@@ -147,11 +147,27 @@ def forget_queue(queue: str) -> None:
     """Remove the Redis keys of a run's queue: kombu's for it and its build queues (empty by
     now), and the stack's own (metrics, counters), which all name the queue."""
     with contextlib.suppress(redis.RedisError):
-        r = redis.Redis.from_url(BROKER_URL, socket_timeout=2)
-        for q in (queue, f"{queue}.builds"):
-            r.delete(q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
-        for key in r.scan_iter(match=f"*{queue}*", count=1000):
-            r.delete(key)
+        forget_keys(redis.Redis.from_url(BROKER_URL, socket_timeout=2), queue)
+
+
+def forget_keys(client: redis.Redis, marker: str) -> None:
+    """Remove from ``client``'s Redis what stacks whose queue names contain ``marker`` left:
+    every key naming it, and their entries in kombu's keys shared by all queues of the database
+    (messages delivered but never acknowledged, by delivery tag, each naming its routing key;
+    the bindings' deadlines). Other runs' entries in the shared keys stay, but for deadlines of
+    bindings that no longer exist."""
+    for key in client.scan_iter(match=f"*{marker}*", count=1000):
+        client.delete(key)
+    needle = marker.encode()
+    for tag, value in client.hscan_iter("unacked", count=1000):
+        if needle in value:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+    for member, _ in client.zscan_iter("_kombu.binding_deadlines", count=1000):
+        # Ours, or one whose bindings are gone (celery.pidbox's, shared by every worker, once
+        # the last one stopped): a deadline of nothing.
+        if needle in member or not client.exists(b"_kombu.binding." + member):
+            client.zrem("_kombu.binding_deadlines", member)
 
 
 def hub_http(stack: Stack, timeout: float, **options: Any) -> httpx.Client:

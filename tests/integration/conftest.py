@@ -19,6 +19,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
+from bench.common import forget_keys
 from hublaunch.stack import Stack, StackConfig
 from tests.integration.gitserver import GitServer
 from tests.standins.providers import Standin, serve
@@ -53,10 +54,10 @@ def redis_url() -> Iterator[str]:
     except redis.RedisError as e:
         pytest.fail(f"Redis must answer at {REDIS_URL} (.ci/run starts it): {e}")
     yield REDIS_URL
-    # Every key this run's stacks made names its queue (test-<run>-<label>): the queues and
-    # kombu's bindings, the metrics, the rate and watcher counters. None outlives the run.
-    for key in client.scan_iter(match=f"*test-{RUN_ID}-*", count=1000):
-        client.delete(key)
+    # Every key this run's stacks made names its queue (test-<run>-<label>...): the queues and
+    # kombu's bindings, the metrics, the rate and watcher counters; so do its entries in kombu's
+    # shared keys. None outlives the run.
+    forget_keys(client, f"test-{RUN_ID}-")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from hublaunch.stack import REPO, free_port
-from tests.integration.conftest import read_events, wait_for
+from tests.integration.conftest import RUN_ID, read_events, wait_for
 
 pytestmark = pytest.mark.integration
 HUBLAUNCH = [sys.executable, "-m", "hublaunch.cli"]
@@ -82,7 +82,13 @@ def hublaunch_dev(
     cwd: Path, redis_url: str, env: dict[str, str] | None = None, **popen: object
 ) -> Iterator[Dev]:
     port = free_port()
-    environ = {**os.environ, "HUBLAUNCH_BROKER_URL": redis_url, "PYTHONPATH": str(REPO)}
+    environ = {
+        **os.environ,
+        "HUBLAUNCH_BROKER_URL": redis_url,
+        # `hublaunch dev` adds its port (test-<run>-dev-<port>): the run's cleanup finds its keys.
+        "HUBLAUNCH_QUEUE": f"test-{RUN_ID}-dev",
+        "PYTHONPATH": str(REPO),
+    }
     environ.pop("HUBLAUNCH_DATABASE_URL", None)  # the embedded default: SQLite under ./.hublaunch
     proc = subprocess.Popen(
         [*HUBLAUNCH, "dev", "--port", str(port), "--spawner", "fake"],

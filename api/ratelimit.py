@@ -323,7 +323,7 @@ def _seconds(microseconds: int) -> int:
 _limiters: dict[tuple[int, str, str, str], Limiter] = {}
 _limiters_lock = threading.Lock()
 # An asynchronous client's connections belong to the loop that made them: one limiter per loop
-# (uvicorn runs one; each test client its own), gone with its loop.
+# (uvicorn runs one; each test client its own), closed when the app stops on that loop.
 _async_limiters: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[str, str, str], AsyncLimiter]
 ] = weakref.WeakKeyDictionary()

@@ -52,7 +52,9 @@ def test_the_kustomization_lists_every_manifest_and_only_those() -> None:
 
 def checkov(*args: str) -> dict[str, Any]:
     if not CHECKOV.exists():
-        pytest.fail(f"{CHECKOV} is missing: `make install` makes it", pytrace=False)
+        pytest.fail(
+            f"{CHECKOV} is missing: `make test` or `make test-unit` makes it", pytrace=False
+        )
     result = subprocess.run(
         # --skip-download: checkov would ask Prisma Cloud for its guidelines; nothing here
         # may reach beyond this machine.

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
 from bench.common import BROKER_URL, bench_database, forget_queue, machine_info, print_info
 from hublaunch.stack import free_port
@@ -83,12 +84,39 @@ class Result:
     p99_ms: float
     statuses: str
     cpu_us: float = 0.0  # the server process's CPU time per request (µs): steadier than rates
+    db_cpu_us: float = 0.0  # the database's backends' CPU time per request (µs)
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User plus system CPU time of process ``pid`` so far (Linux /proc); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class DatabaseCPU:
+    """The CPU time of the PostgreSQL backends serving the bench's database (the server runs on
+    this machine): what the intake's statements cost the database, beside the app's own."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+    def seconds(self) -> dict[int, float]:
+        with self._engine.connect() as conn:
+            pids = conn.scalars(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).all()
+        return {pid: cpu_seconds(pid) for pid in pids}
+
+    def since(self, before: dict[int, float]) -> float:
+        after = self.seconds()
+        # A backend that ended meanwhile loses its time; the apps' pooled ones stay.
+        return sum(now - before.get(pid, 0.0) for pid, now in after.items())
 
 
 def _ms(value: str) -> float:
@@ -97,9 +125,15 @@ def _ms(value: str) -> float:
 
 
 def run_wrk(
-    url: str, label: str, args: argparse.Namespace, script: Path, pid: int | None = None
+    url: str,
+    label: str,
+    args: argparse.Namespace,
+    script: Path,
+    pid: int | None = None,
+    database: DatabaseCPU | None = None,
 ) -> Result:
     cpu_before = cpu_seconds(pid) if pid else 0.0
+    db_before = database.seconds() if database else {}
     out = subprocess.run(
         [
             "wrk",
@@ -122,7 +156,9 @@ def run_wrk(
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     cpu_us = (cpu_seconds(pid) - cpu_before) * 1e6 / done if pid and done else 0.0
-    return Result(label, rate, p50, p99, f"non-2xx {bad.group(1)}" if bad else "all 2xx", cpu_us)
+    db_us = database.since(db_before) * 1e6 / done if database and done else 0.0
+    statuses = f"non-2xx {bad.group(1)}" if bad else "all 2xx"
+    return Result(label, rate, p50, p99, statuses, cpu_us, db_us)
 
 
 def app_env(database_url: str, queue: str, tmp: Path) -> dict[str, str]:
@@ -234,15 +270,16 @@ def main() -> int:
                 )
             )
             pids = dict(zip(ports, (proc.pid for proc in procs), strict=True))
+            database = DatabaseCPU(db.url) if db.kind.startswith("PostgreSQL") else None
             for _ in range(2):
                 for label in ports:
                     url = f"http://127.0.0.1:{ports[label]}"
-                    result = run_wrk(url, label, args, script, pids[label])
+                    result = run_wrk(url, label, args, script, pids[label], database)
                     results.append(result)
                     print(
                         f"  {label:<10} {result.rate:8.0f}/s  p50 {result.p50_ms:6.1f} ms  "
                         f"p99 {result.p99_ms:6.1f} ms  CPU {result.cpu_us:5.0f} µs/request  "
-                        f"({result.statuses})",
+                        f"database {result.db_cpu_us:4.0f} µs  ({result.statuses})",
                         flush=True,
                     )
             print()
@@ -273,6 +310,8 @@ def main() -> int:
     )
     print(f"accepted p99: {accepted.p99_ms:.1f} ms (target <= {TARGET_P99_MS:.0f} ms)")
     cpu = {label: min(r.cpu_us for r in results if r.label == label) for label in ports}
+    db_cpu = min(r.db_cpu_us for r in results if r.label == "hublaunch")
+    print(f"database CPU per accepted launch (least of 2): {db_cpu:.0f} µs")
     print(
         f"server CPU per request (least of 2): accepted {cpu['hublaunch']:.0f} µs, "
         f"with the limit on {cpu['limited']:.0f} µs, bare {cpu['bare']:.0f} µs, "

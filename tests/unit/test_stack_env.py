@@ -1,12 +1,14 @@
-"""What the local stack puts in its children's environment (no child is started here)."""
+"""What the local stack puts in its children's environment (no child is started here), and the
+ports it picks."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from hublaunch.stack import Stack, StackConfig
+from hublaunch.stack import Stack, StackConfig, free_port
 
 
 def stack(tmp_path: Path, **env: str) -> Stack:
@@ -46,3 +48,12 @@ def test_each_hubs_token_reaches_the_worker_only(
     assert "HUBLAUNCH_HUBS" not in several.environ("hub")
     single = Stack(StackConfig(tmp_path / "one", "sqlite:///x.sqlite", "memory://"))
     assert all("HUBLAUNCH_HUBS" not in single.environ(c) for c in ("api", "beat", "hub"))
+
+
+def test_a_process_is_never_given_one_port_twice() -> None:
+    # Closed at once, a port bound to 0 comes back from the kernel often (a few times in 500
+    # here): a stack's Hub was once given its proxy's port. Each still binds when handed out.
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))

@@ -15,9 +15,9 @@ PostgreSQL and Redis, with no worker:
 
 wrk (Debian's package) drives each with ``--connections`` connections for ``--seconds`` s, in the
 order bare, bare-async, hublaunch, limited, refusing, then again, so drift shows; rates are
-compared in the same run. Each run also reads the server process's CPU time per request, which
-drifts less than rates on a shared machine. The launches made are left in a throwaway
-database; their queues are deleted.
+compared in the same run. Each run also reads the CPU time per request of the server process
+and of the database's backends, which drifts less than rates on a shared machine. The launches
+made are left in a throwaway database; their queues are deleted.
 
     .venv/bin/python -m bench.intake_rate     # needs /usr/bin/wrk (apt-get install wrk)
 """
